@@ -1,0 +1,114 @@
+"""Mask strategies. Every mask is seeded (a numpy Generator) and returned as a boolean array the
+UI can draw: True = masked (hidden from the model, to be reconstructed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .data.io import SpatialDataError
+
+STRATEGIES = ("random_cells", "cell_types", "niches", "regions", "gene_channels")
+
+
+@dataclass
+class MaskConfig:
+    """Which cells (or channels) to mask.
+
+    strategy: one of STRATEGIES;
+    ratio: fraction of cells (random_cells), of seed cells (niches), of gene entries (gene_channels);
+    cell_types: class names to mask entirely (cell_types);
+    niche_hops: graph hops around each seed cell (niches);
+    region_size: side of each square region in bins (regions, for patches);
+    n_regions: squares per patch (regions).
+    """
+
+    strategy: str = "random_cells"
+    ratio: float = 0.2
+    cell_types: list[str] = field(default_factory=list)
+    niche_hops: int = 1
+    region_size: int = 4
+    n_regions: int = 1
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise SpatialDataError(f"mask strategy {self.strategy!r} unknown; choose one of {STRATEGIES}.")
+        if not 0.0 < self.ratio < 1.0 and self.strategy in ("random_cells", "niches", "gene_channels"):
+            raise SpatialDataError(f"mask ratio must be between 0 and 1 (exclusive), got {self.ratio}.")
+
+
+def random_cells(n_cells: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly round(ratio * n) cells chosen uniformly (at least one)."""
+    mask = np.zeros(n_cells, dtype=bool)
+    k = max(1, int(round(ratio * n_cells))) if n_cells else 0
+    mask[rng.choice(n_cells, size=k, replace=False)] = True
+    return mask
+
+
+def cell_types(labels: np.ndarray, label_names: Sequence[str], chosen: Sequence[str]) -> np.ndarray:
+    """All cells whose label is one of `chosen` (class names)."""
+    unknown = [c for c in chosen if c not in label_names]
+    if unknown:
+        raise SpatialDataError(f"cell types {unknown} not among the labels {list(label_names)[:30]}.")
+    if not chosen:
+        raise SpatialDataError("mask strategy 'cell_types' needs at least one cell type to mask.")
+    codes = [list(label_names).index(c) for c in chosen]
+    return np.isin(labels, codes)
+
+
+def niches(adjacency: sp.csr_matrix, ratio: float, hops: int, rng: np.random.Generator) -> np.ndarray:
+    """Spatial niches: random seed cells (a `ratio` of cells) plus their `hops`-hop neighbours."""
+    n = adjacency.shape[0]
+    seeds = random_cells(n, ratio, rng)
+    reached = seeds.astype(np.float32)
+    A = adjacency.astype(np.float32)
+    for _ in range(hops):
+        reached = np.maximum(reached, A @ reached)
+    return reached > 0
+
+
+def regions(shape: tuple[int, int], size: int, n_regions: int, rng: np.random.Generator,
+            batch: int | None = None) -> np.ndarray:
+    """Square regions of side `size` bins inside an (h, w) patch; (batch, h, w) when batch is given."""
+    h, w = shape
+    if size > min(h, w):
+        raise SpatialDataError(f"mask region size {size} is larger than the patch ({h} x {w}).")
+    nb = 1 if batch is None else batch
+    mask = np.zeros((nb, h, w), dtype=bool)
+    ys = rng.integers(0, h - size + 1, size=(nb, n_regions))
+    xs = rng.integers(0, w - size + 1, size=(nb, n_regions))
+    dy, dx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    bi = np.repeat(np.arange(nb), n_regions * size * size)
+    yy = (ys[..., None, None] + dy).ravel()
+    xx = (xs[..., None, None] + dx).ravel()
+    mask[bi, yy, xx] = True
+    return mask[0] if batch is None else mask
+
+
+def gene_channels(n_cells: int, n_genes: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """(n_cells, n_genes) boolean: each entry masked with probability `ratio`."""
+    return rng.random((n_cells, n_genes)) < ratio
+
+
+def draw_cell_mask(config: MaskConfig, n_cells: int, rng: np.random.Generator, *,
+                   labels: np.ndarray | None = None, label_names: Sequence[str] | None = None,
+                   adjacency: sp.csr_matrix | None = None) -> np.ndarray:
+    """A per-cell mask for graph methods, by the configured strategy."""
+    config.validate()
+    if config.strategy == "random_cells":
+        return random_cells(n_cells, config.ratio, rng)
+    if config.strategy == "cell_types":
+        if labels is None or label_names is None:
+            raise SpatialDataError("mask strategy 'cell_types' needs a label key (--label-key).")
+        return cell_types(labels, label_names, config.cell_types)
+    if config.strategy == "niches":
+        if adjacency is None:
+            raise SpatialDataError("mask strategy 'niches' needs a neighbour graph.")
+        return niches(adjacency, config.ratio, config.niche_hops, rng)
+    raise SpatialDataError(
+        f"mask strategy {config.strategy!r} does not give a per-cell mask; use random_cells, cell_types or niches."
+    )

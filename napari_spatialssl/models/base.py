@@ -1,0 +1,116 @@
+"""The contract every method family implements, and the registry of methods by id.
+
+A method is a :class:`~napari_spatialssl.training.TrainingTask` for its pretraining (the Trainer
+trains it), plus what comes after: downstream evaluation (which may train further stages with
+the same Trainer) and the results written back to AnnData under the documented keys:
+
+- ``obsm['X_<method>']``: per-cell embeddings;
+- ``layers['<method>_reconstruction']``: reconstructed expression (model genes, zero elsewhere);
+- ``obs['<method>_domain']`` and ``obs['<method>_cell_type']``: categoricals;
+- ``obs['<method>_masked']``: cells masked in the evaluation mask;
+- ``uns['spatialssl'][<method>]``: config, metrics, versions.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..config import DataConfig, TrainConfig
+from ..data.dataset import SpatialDataset
+
+
+@dataclass
+class MethodResults:
+    """What a method puts back on the slide; keys follow the module docstring's convention."""
+
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
+    obs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+class SSLMethod(abc.ABC):
+    """Base class of the three method families (gnn-mask, spotscape, patch-mae)."""
+
+    name: str = ""
+    config_class: type = TrainConfig
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.config_class()
+        self.model: torch.nn.Module | None = None
+        self.data: SpatialDataset | None = None
+
+    # -- pretraining: the TrainingTask interface ------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, data: SpatialDataset) -> None:
+        """Build the view(s) of the slide and the model. Called once, before training."""
+
+    @abc.abstractmethod
+    def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
+        ...
+
+    @abc.abstractmethod
+    def training_loss(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        ...
+
+    def validation_loss(self, device: torch.device) -> float | None:
+        return None
+
+    def on_epoch_start(self, epoch: int, device: torch.device) -> None:
+        return None
+
+    # -- after pretraining ----------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(self, data: SpatialDataset, device: torch.device,
+                 make_trainer: Callable[[TrainConfig], Any]) -> MethodResults:
+        """Downstream tasks and metrics on `data`; any extra training uses `make_trainer`."""
+
+    @abc.abstractmethod
+    def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
+        """Apply the trained model to a (new) slide without any training."""
+
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """The model from ``self.config`` and the extra state alone (no data needed), untrained."""
+
+    def extra_state(self) -> dict:
+        """State beyond the weights saved in the checkpoint (JSON-able or tensors).
+
+        Subclasses extend it; 'genes' (the model's input genes, in order) is required by `predict`.
+        """
+        return {"genes": [str(g) for g in self.data.gene_names]} if self.data is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` saved (before `build_model` is called for prediction)."""
+        self.genes = list(state.get("genes", []))
+
+    def load_state_dict_for_predict(self, state_dict: dict) -> None:
+        self.model = self.build_model()
+        self.model.load_state_dict(state_dict)
+        self.model.eval()
+
+
+METHODS: dict[str, type[SSLMethod]] = {}
+
+
+def register(cls: type[SSLMethod]) -> type[SSLMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[SSLMethod]:
+    from . import _load_all  # noqa: F401  (registers the built-in methods)
+
+    _load_all()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def data_config_of(config) -> DataConfig:
+    return getattr(config, "data", DataConfig())

@@ -1,0 +1,293 @@
+"""The headless pipeline shared by the CLI, the Python API and the napari widget.
+
+AnnData -> SpatialDataset -> method.prepare -> Trainer (pretraining) -> method.evaluate ->
+results written back to a copy of the AnnData (and, given an output folder, to files).
+
+`Pipeline.run` is a generator of TrainEvents so that a caller can show progress and call
+`Pipeline.stop()` from another thread; `fit` is the one-call convenience.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+from .config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from .data.dataset import SpatialDataset
+from .data.io import SpatialDataError, atomic_write_h5ad, atomic_write_text
+from .models.base import MethodResults, SSLMethod, data_config_of, get_method_class
+from .training import TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions
+
+UNS_KEY = "spatialssl"
+
+
+def make_config(method: str, overrides: list[str] | dict | None = None, **fields):
+    """The method's config with defaults, then keyword fields, then ``name=value`` overrides."""
+    cls = get_method_class(method).config_class
+    cfg = cls()
+    apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
+    return apply_overrides(cfg, overrides)
+
+
+def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> SpatialDataset:
+    dc = data_config_of(config)
+    return SpatialDataset.from_anndata(
+        adata,
+        spatial_key=dc.spatial_key,
+        coord_columns=dc.coord_columns,
+        section_key=dc.section_key,
+        label_key=dc.label_key,
+        ignore_labels=dc.ignore_labels,
+        preprocess=dc.preprocess,
+        genes=genes,
+        name=name,
+    )
+
+
+@dataclass
+class PipelineOutput:
+    adata: Any
+    metrics: dict
+    method: SSLMethod
+    train_result: TrainResult | None
+    files: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """One method on one slide. ``run`` yields TrainEvents (event.message holds the stage)."""
+
+    def __init__(self, method: str, config=None):
+        self.method_cls = get_method_class(method)
+        self.config = config if config is not None else self.method_cls.config_class()
+        self.method: SSLMethod = self.method_cls(self.config)
+        self.output: PipelineOutput | None = None
+        self._trainers: list[Trainer] = []
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Stop whatever is training now; later stages still run on the model trained so far."""
+        self._stopped = True
+        for t in self._trainers:
+            t.stop()
+
+    def make_trainer(self, train_config: TrainConfig, checkpoint_path=None) -> Trainer:
+        trainer = Trainer(train_config, checkpoint_path=checkpoint_path)
+        if self._stopped:
+            trainer.stop()
+        self._trainers.append(trainer)
+        return trainer
+
+    def run(self, adata, out_dir: str | Path | None = None, *, overwrite: bool = False,
+            name: str = "AnnData") -> Iterator[TrainEvent]:
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            _check_out_dir(out, overwrite)
+        data = dataset_from_config(adata, self.config, name=name)
+        yield TrainEvent("stage", 0, self.config.epochs, message=f"preparing {self.method_cls.name}")
+        self.method.data = data
+        self.method.prepare(data)
+        trainer = self.make_trainer(self.config)
+        yield from trainer.run(self.method)
+        train_result = trainer.result
+        yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating")
+        results = self.method.evaluate(data, trainer.device, self.make_trainer)
+        metrics = {
+            "method": self.method_cls.name,
+            "seed": self.config.seed,
+            "device": str(trainer.device),
+            "train_seconds": train_result.train_seconds,
+            "epochs": train_result.epochs_run,
+            "stopped_by_user": train_result.stopped_by_user,
+            "stopped_early": train_result.stopped_early,
+            "data": data.summary(),
+            **results.metrics,
+        }
+        result_adata = write_results(adata, self.method_cls.name, data, results, self.config, metrics)
+        files = {}
+        if out is not None:
+            files = save_run(out, result_adata, metrics, self.config, trainer, self.method, train_result.history)
+        self.output = PipelineOutput(result_adata, metrics, self.method, train_result, files)
+        yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="done")
+
+    def fit(self, adata, out_dir=None, *, overwrite: bool = False, progress: bool = False,
+            callback: Callable[[TrainEvent], None] | None = None) -> PipelineOutput:
+        bar = None
+        for event in self.run(adata, out_dir, overwrite=overwrite):
+            if callback is not None:
+                callback(event)
+            if progress:
+                bar = _progress(bar, event)
+        if bar is not None:
+            bar.close()
+        assert self.output is not None
+        return self.output
+
+
+def _progress(bar, event: TrainEvent):
+    from tqdm.auto import tqdm
+
+    if event.kind == "start":
+        bar = tqdm(total=event.n_epochs, desc="pretraining", unit="epoch")
+    elif event.kind == "epoch" and bar is not None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in event.losses.items()})
+    elif event.kind == "end" and bar is not None:
+        bar.close()
+        bar = None
+    return bar
+
+
+def fit(adata, method: str, out_dir=None, *, overwrite: bool = False, progress: bool = False,
+        config=None, overrides: list[str] | dict | None = None, **fields) -> PipelineOutput:
+    """Train `method` on `adata` and evaluate it. Python API equivalent of ``napari-spatialssl fit``."""
+    cfg = config if config is not None else make_config(method, overrides, **fields)
+    return Pipeline(method, cfg).fit(adata, out_dir, overwrite=overwrite, progress=progress)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if (out / "result.h5ad").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a result; pass --overwrite or choose another --out.")
+
+
+def _place_genes(values, data: SpatialDataset, n_vars: int):
+    """(n_cells, n_model_genes) -> (n_cells, n_vars) with the model's genes in their input columns."""
+    cols = data.gene_index if data.gene_index is not None else np.arange(values.shape[1])
+    if values.shape[1] == n_vars and np.array_equal(cols, np.arange(n_vars)):
+        return values
+    keep = cols >= 0
+    M = sp.csr_matrix(values)[:, np.flatnonzero(keep)]
+    P = sp.csr_matrix((np.ones(keep.sum(), np.float32), (np.arange(keep.sum()), cols[keep])),
+                      shape=(int(keep.sum()), n_vars))
+    return sp.csr_matrix(M @ P, dtype=np.float32)
+
+
+def write_results(adata, method: str, data: SpatialDataset, results: MethodResults, config,
+                  metrics: dict):
+    """A copy of `adata` with the method's results under the documented keys."""
+    import pandas as pd
+
+    out = adata.copy()
+    for key, value in results.obsm.items():
+        out.obsm[key] = np.asarray(value, dtype=np.float32)
+    for key, value in results.layers.items():
+        out.layers[key] = _place_genes(value, data, out.n_vars)
+    for key, value in results.obs.items():
+        if isinstance(value, pd.Categorical) or (isinstance(value, pd.Series) and value.dtype == "category"):
+            out.obs[key] = pd.Categorical(value)
+        else:
+            out.obs[key] = np.asarray(value)
+    uns = dict(out.uns.get(UNS_KEY, {}))
+    uns[method] = {
+        "config": json.dumps(config_to_dict(config)),
+        "metrics": json.dumps(_jsonable(metrics)),
+        "versions": json.dumps(package_versions()),
+        "genes": np.asarray(data.gene_names, dtype=str),
+    }
+    out.uns[UNS_KEY] = uns
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def save_run(out: Path, result_adata, metrics: dict, config, trainer: Trainer, method: SSLMethod,
+             history: list[dict]) -> dict:
+    """result.h5ad, metrics.json, config.json, model.pt, loss.csv: each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "result": atomic_write_h5ad(result_adata, out / "result.h5ad", overwrite=True),
+        "metrics": atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2)),
+        "config": atomic_write_text(out / "config.json", json.dumps(
+            {"method": method.name, "config": config_to_dict(config)}, indent=2)),
+        "model": trainer.save_checkpoint(method, history, out / "model.pt"),
+        "loss": atomic_write_text(out / "loss.csv", _history_csv(history)),
+    }
+    return {k: str(v) for k, v in files.items()}
+
+
+def _history_csv(history: list[dict]) -> str:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys or ["epoch"])
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
+    return buf.getvalue()
+
+
+def load_model(model_dir: str | Path):
+    """(method instance with weights loaded, its config) from a folder written by `fit`."""
+    payload = load_checkpoint(model_dir)
+    cls = get_method_class(payload["method"])
+    cfg = config_from_dict(cls.config_class, payload["config"])
+    method = cls(cfg)
+    method.load_extra_state(payload.get("extra", {}))
+    method.load_state_dict_for_predict(payload["state_dict"])
+    return method, cfg
+
+
+MAX_MISSING_GENE_FRACTION = 0.2
+
+
+def predict(adata, model_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False,
+            device: str = "auto", max_missing_fraction: float = MAX_MISSING_GENE_FRACTION,
+            name: str = "AnnData") -> PipelineOutput:
+    """Apply a trained model to a new slide, matching genes by name (missing genes zero-filled
+    up to `max_missing_fraction` of the model's genes, else refused)."""
+    from .training import resolve_device
+
+    method, cfg = load_model(model_dir)
+    genes = [str(g) for g in method.extra_state().get("genes", [])]
+    var = set(np.asarray(adata.var_names).astype(str))
+    missing = [g for g in genes if g not in var]
+    if genes and len(missing) > max_missing_fraction * len(genes):
+        raise SpatialDataError(
+            f"{name}: {len(missing)} of the model's {len(genes)} genes are missing from this slide "
+            f"(e.g. {missing[:5]}); at most {max_missing_fraction:.0%} may be zero-filled. "
+            "Use a slide measured with the same gene panel."
+        )
+    # A new slide may lack the training slide's label/section columns.
+    dc = data_config_of(cfg)
+    if dc.label_key and dc.label_key not in adata.obs.columns:
+        dc.label_key = None
+    if dc.section_key not in (None, "auto") and dc.section_key not in adata.obs.columns:
+        dc.section_key = "auto"
+    data = dataset_from_config(adata, cfg, genes=genes or None, name=name)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    method.data = data
+    results = method.predict(data, dev)
+    metrics = {"method": method.name, "device": str(dev), "predict_seconds": time.perf_counter() - t0,
+               "missing_genes": missing, "n_missing_genes": len(missing), **results.metrics}
+    result_adata = write_results(adata, method.name, data, results, cfg, metrics)
+    files = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        _check_out_dir(out, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        files["result"] = str(atomic_write_h5ad(result_adata, out / "result.h5ad", overwrite=True))
+        files["metrics"] = str(atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2)))
+    return PipelineOutput(result_adata, metrics, method, None, files)
