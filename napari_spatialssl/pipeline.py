@@ -39,6 +39,10 @@ def make_config(method: str, overrides: list[str] | dict | None = None, **fields
 
 def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> SpatialDataset:
     dc = data_config_of(config)
+    ec = getattr(config, "eval", None)
+    domain_key = getattr(ec, "domain_key", None)
+    if domain_key and domain_key not in adata.obs.columns and genes is not None:
+        domain_key = None  # predicting on a new slide without reference domains
     return SpatialDataset.from_anndata(
         adata,
         spatial_key=dc.spatial_key,
@@ -49,6 +53,7 @@ def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> 
         preprocess=dc.preprocess,
         genes=genes,
         name=name,
+        domain_key=domain_key,
     )
 
 

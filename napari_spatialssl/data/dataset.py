@@ -121,6 +121,10 @@ class SpatialDataset:
     gene_index: np.ndarray | None = None  # columns of the input kept (after HVG)
     preprocessing: dict = field(default_factory=dict)
     obs_names: np.ndarray | None = None
+    # Reference spatial domains (EvalConfig.domain_key) for ARI / NMI; -1 = unknown.
+    domains: np.ndarray | None = None
+    domain_names: list[str] | None = None
+    domain_key: str | None = None
 
     @property
     def n_cells(self) -> int:
@@ -175,6 +179,7 @@ class SpatialDataset:
         preprocess: PreprocessConfig | dict | None = None,
         genes: Sequence[str] | None = None,
         name: str = "AnnData",
+        domain_key: str | None = None,
     ) -> "SpatialDataset":
         """Validate an AnnData and preprocess its expression.
 
@@ -188,6 +193,9 @@ class SpatialDataset:
         labels = label_names = None
         if label_key:
             labels, label_names = label_codes(adata, label_key, ignore_labels)
+        domains = domain_names = None
+        if domain_key:
+            domains, domain_names = label_codes(adata, domain_key, ignore_labels)
 
         X = adata.layers[pp.layer] if pp.layer else adata.X
         if X is None:
@@ -239,6 +247,9 @@ class SpatialDataset:
             gene_index=gene_index,
             preprocessing=record,
             obs_names=np.asarray(adata.obs_names).astype(str),
+            domains=domains,
+            domain_names=domain_names,
+            domain_key=domain_key,
         )
 
 
