@@ -1,0 +1,706 @@
+"""`patch-mae`: slides as croppable multi-channel images, pretrained with a masked autoencoder
+(after Zhu, Qi et al., "Spatial Transcriptomics as Images for Large-Scale Pretraining",
+arXiv 2603.13432, 2026; re-implemented from the paper's description).
+
+View. Each section is rasterised to a lattice of square bins (``bin_size`` in the coordinates'
+units; default one median nearest-neighbour distance, i.e. about one spot or cell per bin; several
+cells in a bin are averaged, see graphs/lattice.py). Training samples are h x w patches of the
+lattice (default 16 x 16) with at least ``min_occupancy`` of their bins occupied, each with m gene
+channels (default 256; all genes when the panel is smaller) chosen by variance-weighted sampling
+without replacement (weight = the gene's variance over the patch's occupied bins).
+
+Model (models/vit.py). A token is a bin (or a ``token_bins`` x ``token_bins`` group); its
+embedding projects every channel value onto a learned embedding of that channel's gene and sums,
+so patches with different gene subsets share one model; fixed 2-D sin-cos positions. The encoder
+sees only visible, occupied tokens; a light decoder fills in the masked ones and predicts the
+patch's m channel values through a per-gene readout. Pretext: ``mask.ratio`` (default 0.75) of
+each patch's occupied tokens masked at random (``mask.strategy='random_cells'``) or square regions
+(``'regions'``: ``mask.n_regions`` squares of ``mask.region_size`` tokens). Loss: mean squared
+error on the masked, occupied bins only, in the preprocessed expression space (normalised +
+log1p for counts) minus each gene's mean (and divided by its s.d. with ``scale_genes``).
+
+Held-out patches. Before training, each section is cut into non-overlapping h x w tiles and a
+``holdout_fraction`` of the tiles with at least ``min_occupancy`` occupied bins is held out (seeded
+by ``holdout_seed``, the same for every training seed). No training patch overlaps a held-out tile
+(windows touching one are never drawn). The held-out tiles give the validation loss and the
+masked-region reconstruction benchmark.
+
+Results (keys of models/base.py):
+
+- ``obsm['X_patch-mae']``: encoder output at the cell's bin with nothing masked, averaged over
+  the patches that tile the section with a stride of ``embed_stride`` bins (default h / 2, so
+  every bin is covered by up to four patches and never only at an edge), channels = the model's
+  fixed ``channel_genes`` (the m genes of highest variance over all training bins);
+- ``layers['patch-mae_reconstruction']``: per-cell *imputation* from the bin: over the same tiles,
+  the occupied tokens of each patch are split into k = round(1 / (1 - mask.ratio)) random groups
+  and the decoder predicts every model gene of each group's bins from the other groups' bins
+  only (so a bin is never reconstructed from its own value); predictions are averaged over the
+  tiles and groups covering the bin and mapped back to the preprocessed space; every cell gets its
+  bin's value (cells sharing a bin share it). Shape (n_cells, n_model_genes).
+- ``obs['patch-mae_domain']``: k-means (K = ``eval.n_domains``) on the embeddings of all
+  sections jointly (``domain_clustering='joint'``) or per section; Leiden / GMM-BIC when K is
+  not given.
+
+Metrics: ``reconstruction`` (masked-region MSE / MAE on held-out tiles for square masks of
+``eval_mask_sizes`` bins, against zeros, the patch's unmasked mean, nearest-unmasked-bin and
+inverse-distance interpolation on the same masks), ``domains`` (ari, nmi, accuracy, per_section),
+``probes`` (k-NN and MLP on a stated fraction of labelled cells; accuracy, macro F1, ARI).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from ..config import DataConfig, EvalConfig, TrainConfig
+from ..data.dataset import SpatialDataset
+from ..data.io import SpatialDataError
+from ..evaluation.clustering import domain_scores, gmm_bic, kmeans
+from ..evaluation.probes import run_probes
+from ..graphs.lattice import (
+    Lattice,
+    PatchBatch,
+    build_lattices,
+    extract_patches,
+    select_channels,
+    suggest_bin_size,
+    tiled_origins,
+)
+from ..masking import MaskConfig, regions
+from .base import MethodResults, SSLMethod, register
+from .vit import PatchMaskedAutoencoder, random_token_mask
+
+NAME = "patch-mae"
+MASK_STRATEGIES = ("random_cells", "regions")
+BASELINES = ("zeros", "patch_mean", "nearest", "idw")
+
+
+def _default_mask() -> MaskConfig:
+    return MaskConfig(strategy="random_cells", ratio=0.75, region_size=4, n_regions=4)
+
+
+@dataclass
+class PatchMAEConfig(TrainConfig):
+    """patch-mae settings. Units: bins (lattice cells) unless stated; bin_size in coordinate units.
+
+    bin_size: bin side (None = ``bin_factor`` x the median nearest-neighbour distance);
+    patch_size: h = w bins per patch; token_bins: bins per token side (divides patch_size);
+    n_channels: m genes per patch (all genes when fewer); min_occupancy: fraction of a training
+    patch's bins that must hold a cell; patches_per_epoch, batch_size: training patches;
+    scale_genes: divide each gene by its s.d. (else only centred); dim/depth/heads: encoder,
+    decoder_*: decoder; mask: pretext mask (random_cells = random tokens at mask.ratio, or
+    regions); holdout_fraction / holdout_seed: held-out tiles; eval_mask_sizes, eval_mask_regions,
+    eval_mask_repeats: masked-region benchmark; embed_stride: tiling stride for per-cell outputs
+    (None = patch_size // 2); eval_batch_size: patches per forward pass at inference;
+    probe_train_fraction / probe_k / probe_hidden: probes; domain_clustering: 'joint' | 'per_section';
+    reconstruction_layer: write the per-cell imputation layer (n_cells x n_genes floats).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mask: MaskConfig = field(default_factory=_default_mask)
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    bin_size: float | None = None
+    bin_factor: float = 1.0
+    patch_size: int = 16
+    token_bins: int = 1
+    n_channels: int = 256
+    min_occupancy: float = 0.3
+    patches_per_epoch: int = 1024
+    batch_size: int = 64
+    scale_genes: bool = False
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 4
+    holdout_fraction: float = 0.15
+    holdout_seed: int = 0
+    eval_mask_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    eval_mask_regions: int = 2
+    eval_mask_repeats: int = 8
+    embed_stride: int | None = None
+    eval_batch_size: int = 32
+    probe_train_fraction: float = 0.2
+    probe_k: int = 15
+    probe_hidden: int = 64
+    domain_clustering: str = "joint"
+    reconstruction_layer: bool = True
+
+    def validate(self) -> None:
+        if self.patch_size < 2:
+            raise SpatialDataError(f"patch_size must be at least 2 bins, got {self.patch_size}.")
+        if self.token_bins < 1 or self.patch_size % self.token_bins:
+            raise SpatialDataError(f"token_bins ({self.token_bins}) must divide patch_size ({self.patch_size}).")
+        if self.mask.strategy not in MASK_STRATEGIES:
+            raise SpatialDataError(
+                f"patch-mae masks tokens with mask.strategy in {MASK_STRATEGIES}, got {self.mask.strategy!r}."
+            )
+        if not 0.0 < self.mask.ratio < 1.0:
+            raise SpatialDataError(f"mask.ratio must be between 0 and 1 (exclusive), got {self.mask.ratio}.")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise SpatialDataError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}.")
+        if not 0.0 <= self.min_occupancy <= 1.0:
+            raise SpatialDataError(f"min_occupancy must be in [0, 1], got {self.min_occupancy}.")
+        if self.domain_clustering not in ("joint", "per_section"):
+            raise SpatialDataError(f"domain_clustering must be 'joint' or 'per_section', got {self.domain_clustering!r}.")
+        if self.dim % 4 or self.decoder_dim % 4 or self.dim % self.heads or self.decoder_dim % self.decoder_heads:
+            raise SpatialDataError("dim / decoder_dim must be divisible by 4 and by their number of heads.")
+        bad = [s for s in self.eval_mask_sizes if not 1 <= int(s) <= self.patch_size]
+        if bad:
+            raise SpatialDataError(f"eval_mask_sizes {bad} must lie between 1 and patch_size ({self.patch_size}).")
+        if self.n_channels < 1 or self.batch_size < 1 or self.patches_per_epoch < 1:
+            raise SpatialDataError("n_channels, batch_size and patches_per_epoch must be positive.")
+
+
+class PatchMAEModel(nn.Module):
+    """The masked autoencoder plus the per-gene centring / scaling it was trained with (buffers,
+    so a checkpoint alone restores them)."""
+
+    def __init__(self, n_genes: int, config: PatchMAEConfig):
+        super().__init__()
+        c = config
+        self.mae = PatchMaskedAutoencoder(n_genes, (c.patch_size, c.patch_size), c.token_bins, c.dim, c.depth,
+                                          c.heads, c.decoder_dim, c.decoder_depth, c.decoder_heads)
+        self.register_buffer("gene_mean", torch.zeros(n_genes))
+        self.register_buffer("gene_scale", torch.ones(n_genes))
+
+    def standardise(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+        """Preprocessed values (B, h, w, m) -> model space; empty bins stay 0."""
+        mu = self.gene_mean[genes][:, None, None, :]
+        sc = self.gene_scale[genes][:, None, None, :]
+        return torch.where(occupancy[..., None], (values - mu) / sc, torch.zeros_like(values))
+
+    def unstandardise(self, pred: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+        """Model-space predictions (B, ..., m) -> preprocessed space."""
+        shape = (genes.shape[0],) + (1,) * (pred.dim() - 2) + (genes.shape[1],)
+        return pred * self.gene_scale[genes].reshape(shape) + self.gene_mean[genes].reshape(shape)
+
+
+@dataclass
+class _Batch:
+    patches: PatchBatch
+    mask_noise: np.ndarray | None  # (P, T) uniform numbers (random_cells strategy)
+    token_mask: np.ndarray | None  # (P, T) bool (regions strategy)
+
+
+class _EpochBatches:
+    """Lazy training batches of one epoch (a length for progress bars, patches cut on demand)."""
+
+    def __init__(self, method: "PatchMAE", plan: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator):
+        self.method, self.plan, self.rng = method, plan, rng
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for sections, origins in self.plan:
+            yield self.method._make_batch(sections, origins, self.rng)
+
+
+def _window_sum(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Sum of `mask` over every h x w window inside it, indexed by the window's top-left bin."""
+    H, W = mask.shape
+    if H < h or W < w:
+        return np.zeros((0, 0), dtype=np.int64)
+    sat = np.zeros((H + 1, W + 1), dtype=np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    return sat[h:, w:] - sat[:-h, w:] - sat[h:, :-w] + sat[:-h, :-w]
+
+
+def _bin_offsets(h: int, w: int) -> np.ndarray:
+    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([rr.ravel(), cc.ravel()], axis=1).astype(np.float32)
+
+
+@register
+class PatchMAE(SSLMethod):
+    """Masked autoencoder on lattice patches with variance-weighted gene channels."""
+
+    name = NAME
+    config_class = PatchMAEConfig
+
+    def __init__(self, config: PatchMAEConfig | None = None):
+        super().__init__(config)
+        self.genes: list[str] = []
+        self.n_genes: int = 0
+        self.bin_size: float | None = None
+        self.channel_genes: np.ndarray | None = None
+        self.lattices: list[Lattice] = []
+        self.train_origins: list[np.ndarray] = []
+        self.holdout: list[np.ndarray] = []  # (n_i, 2) held-out tile origins per lattice
+        self._val: list[_Batch] | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+    @property
+    def h(self) -> int:
+        return int(self.config.patch_size)
+
+    def build_model(self) -> nn.Module:
+        if self.n_genes < 1:
+            raise SpatialDataError("patch-mae: the model's gene count is unknown; prepare a dataset or load extra state.")
+        return PatchMAEModel(self.n_genes, self.config)
+
+    def prepare(self, data: SpatialDataset) -> None:
+        cfg = self.config
+        cfg.validate()
+        self.data = data
+        self.genes = [str(g) for g in data.gene_names]
+        self.n_genes = data.n_genes
+        self.bin_size = float(cfg.bin_size) if cfg.bin_size else suggest_bin_size(
+            data.coords, data.section, factor=cfg.bin_factor)
+        self.lattices = build_lattices(data, self.bin_size)
+        mean, var = self._bin_gene_stats(self.lattices)
+        m = min(cfg.n_channels, self.n_genes)
+        self.channel_genes = np.sort(np.argsort(-var, kind="stable")[:m]).astype(np.int64)
+        self.model = self.build_model()
+        self.model.gene_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        scale = np.sqrt(var) if cfg.scale_genes else np.ones_like(var)
+        floor = max(float(np.median(np.sqrt(var[var > 0]))) * 0.1, 1e-3) if np.any(var > 0) else 1.0
+        self.model.gene_scale.copy_(torch.as_tensor(np.maximum(scale, floor if cfg.scale_genes else 0), dtype=torch.float32))
+        self._split_holdout()
+        self._val = None
+
+    @staticmethod
+    def _bin_gene_stats(lattices: list[Lattice]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene mean and variance over all occupied bins of the lattices (sparse)."""
+        X = sp.vstack([lat.bin_expr for lat in lattices]).tocsr()
+        n = X.shape[0]
+        mean = np.asarray(X.sum(axis=0)).ravel() / n
+        sq = np.asarray(X.multiply(X).sum(axis=0)).ravel() / n
+        return mean.astype(np.float64), np.maximum(sq - mean**2, 0.0)
+
+    def _split_holdout(self) -> None:
+        """Hold out a fraction of each section's non-overlapping tiles; list the training windows."""
+        cfg, h = self.config, self.h
+        rng = np.random.default_rng(cfg.holdout_seed)
+        self.train_origins, self.holdout = [], []
+        for lat in self.lattices:
+            occ_windows = _window_sum(lat.occupancy, h, h)
+            if occ_windows.size == 0:
+                raise SpatialDataError(
+                    f"section {self.data.section_names[lat.section]!r} is only {lat.shape[0]} x {lat.shape[1]} bins, "
+                    f"smaller than one {h} x {h} patch; use a smaller patch_size or a smaller bin_size."
+                )
+            tiles = tiled_origins(lat, h, h)
+            tile_occ = occ_windows[tiles[:, 0], tiles[:, 1]] / float(h * h)
+            tiles = tiles[tile_occ >= cfg.min_occupancy]
+            n_hold = int(round(cfg.holdout_fraction * len(tiles)))
+            if cfg.holdout_fraction > 0 and len(tiles) >= 2:
+                n_hold = min(max(n_hold, 1), len(tiles) - 1)
+            else:
+                n_hold = 0
+            held = tiles[np.sort(rng.choice(len(tiles), size=n_hold, replace=False))] if n_hold else tiles[:0]
+            blocked = np.zeros(lat.shape, dtype=bool)
+            for r, c in held:  # a handful of tiles per section
+                blocked[r:r + h, c:c + h] = True
+            ok = (occ_windows >= cfg.min_occupancy * h * h - 1e-9) & (_window_sum(blocked, h, h) == 0)
+            origins = np.argwhere(ok).astype(np.int64)
+            self.train_origins.append(origins)
+            self.holdout.append(held.astype(np.int64))
+        if sum(len(o) for o in self.train_origins) == 0:
+            raise SpatialDataError(
+                f"no {h} x {h} training patch has {cfg.min_occupancy:.0%} of its bins occupied outside the held-out "
+                "tiles; lower min_occupancy or holdout_fraction, or use a smaller patch_size."
+            )
+
+    # -- batches -----------------------------------------------------------------------------
+    def _make_batch(self, sections: np.ndarray, origins: np.ndarray, rng: np.random.Generator,
+                    channels: str = "sampled") -> _Batch:
+        """Cut patches (vectorised per section) with sampled or fixed channels, plus mask draws."""
+        cfg, h = self.config, self.h
+        m = min(cfg.n_channels, self.n_genes)
+        parts = []
+        for s in np.unique(sections):
+            lat = self.lattices[int(s)]
+            o = origins[sections == s]
+            genes = select_channels(lat, o, h, h, m, rng) if channels == "sampled" else self.channel_genes
+            parts.append(extract_patches(lat, o, h, h, genes))
+        pb = parts[0] if len(parts) == 1 else PatchBatch(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("values", "genes", "occupancy", "origins", "section"))
+        )
+        T = (h // cfg.token_bins) ** 2
+        if cfg.mask.strategy == "regions":
+            g = h // cfg.token_bins
+            size = min(cfg.mask.region_size, g)
+            tm = regions((g, g), size, cfg.mask.n_regions, rng, batch=len(pb)).reshape(len(pb), T)
+            return _Batch(pb, None, tm)
+        return _Batch(pb, rng.random((len(pb), T)).astype(np.float32), None)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator):
+        cfg = self.config
+        sizes = np.array([len(o) for o in self.train_origins], dtype=np.float64)
+        # patches per section in proportion to its number of admissible windows
+        sec = rng.choice(len(sizes), size=cfg.patches_per_epoch, p=sizes / sizes.sum())
+        pick = np.empty((cfg.patches_per_epoch, 2), dtype=np.int64)
+        for s in np.flatnonzero(sizes):
+            idx = np.flatnonzero(sec == s)
+            pick[idx] = self.train_origins[s][rng.integers(0, len(self.train_origins[s]), size=len(idx))]
+        plan = [(sec[i:i + cfg.batch_size], pick[i:i + cfg.batch_size])
+                for i in range(0, cfg.patches_per_epoch, cfg.batch_size)]
+        return _EpochBatches(self, plan, rng)
+
+    def _tensors(self, batch: _Batch, device: torch.device):
+        pb = batch.patches
+        genes = torch.as_tensor(pb.genes, device=device)
+        occ = torch.as_tensor(pb.occupancy, device=device)
+        raw = torch.as_tensor(pb.values, device=device)
+        x = self.model.standardise(raw, occ, genes)
+        tok_occ = self.model.mae.token_occupancy(occ)
+        if batch.token_mask is not None:
+            masked = torch.as_tensor(batch.token_mask, device=device) & tok_occ
+        else:
+            masked = random_token_mask(tok_occ, self.config.mask.ratio,
+                                       torch.as_tensor(batch.mask_noise, device=device))
+        return raw, x, occ, genes, masked
+
+    def _masked_loss(self, batch: _Batch, device: torch.device) -> torch.Tensor:
+        raw, x, occ, genes, masked = self._tensors(batch, device)
+        pred = self.model.mae(x, occ, genes, masked)
+        p = self.config.token_bins
+        bin_masked = self.model.mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
+        if not bool(bin_masked.any()):
+            return pred.sum() * 0.0
+        err = (pred.float() - x.float()) ** 2
+        return err[bin_masked].mean()
+
+    def training_loss(self, batch: _Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"loss": self._masked_loss(batch, device)}
+
+    def _holdout_batch_list(self, rng: np.random.Generator, channels: str = "sampled") -> list[_Batch]:
+        sections = np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in enumerate(self.holdout)])
+        origins = np.concatenate(self.holdout) if self.holdout else np.zeros((0, 2), np.int64)
+        bs = self.config.eval_batch_size
+        return [self._make_batch(sections[i:i + bs], origins[i:i + bs], rng, channels)
+                for i in range(0, len(origins), bs)]
+
+    def validation_loss(self, device: torch.device) -> float | None:
+        """Masked MSE (model space) on the held-out tiles, with fixed channels and masks."""
+        if not self.holdout or sum(len(o) for o in self.holdout) == 0:
+            return None
+        if self._val is None:
+            self._val = self._holdout_batch_list(np.random.default_rng(self.config.holdout_seed + 1))
+        losses = [float(self._masked_loss(b, device)) for b in self._val]
+        sizes = [len(b.patches) for b in self._val]
+        return float(np.average(losses, weights=sizes))
+
+    # -- per-cell outputs --------------------------------------------------------------------
+    def _tiles(self) -> list[np.ndarray]:
+        stride = self.config.embed_stride or max(self.h // 2, 1)
+        return [tiled_origins(lat, self.h, self.h, stride) for lat in self.lattices]
+
+    @torch.no_grad()
+    def embed_cells(self, device: torch.device) -> np.ndarray:
+        """(n_cells, dim) encoder output at each cell's bin, averaged over overlapping tiles."""
+        model = self.model.to(device).eval()
+        mae, h, bs = model.mae, self.h, self.config.eval_batch_size
+        p = self.config.token_bins
+        out = np.zeros((self.data.n_cells, mae.dim), dtype=np.float32)
+        for lat, tiles in zip(self.lattices, self._tiles()):
+            H, W = lat.shape
+            acc = torch.zeros(H * W, mae.dim, device=device)
+            cnt = torch.zeros(H * W, device=device)
+            for i in range(0, len(tiles), bs):
+                o = tiles[i:i + bs]
+                pb = extract_patches(lat, o, h, h, self.channel_genes)
+                genes = torch.as_tensor(pb.genes, device=device)
+                occ = torch.as_tensor(pb.occupancy, device=device)
+                x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
+                tok = mae.token_embeddings(x, occ, genes)  # (B, T, d)
+                per_bin = mae.from_tokens(tok[:, :, None, :].expand(-1, -1, p * p, -1)).float()  # (B, h, w, d)
+                flat, keep = self._bin_index(o, lat, occ)
+                acc.index_add_(0, flat, per_bin[keep])
+                cnt.index_add_(0, flat, torch.ones(len(flat), device=device))
+            grid = (acc / cnt.clamp(min=1)[:, None]).cpu().numpy()
+            out[lat.cells] = grid[lat.bin_of_cell]
+        return out
+
+    @staticmethod
+    def _bin_index(origins: np.ndarray, lat: Lattice, occ: torch.Tensor):
+        """Flat lattice index of every occupied bin of a batch of patches, and the (B, h, w) mask."""
+        B, h, w = occ.shape
+        W = lat.shape[1]
+        r = torch.as_tensor(origins[:, 0], device=occ.device)[:, None, None] + torch.arange(h, device=occ.device)[None, :, None]
+        c = torch.as_tensor(origins[:, 1], device=occ.device)[:, None, None] + torch.arange(w, device=occ.device)[None, None, :]
+        keep = occ  # occupied bins are inside the lattice by construction
+        return (r * W + c)[keep], keep
+
+    @torch.no_grad()
+    def reconstruct_cells(self, device: torch.device, seed: int = 0) -> np.ndarray:
+        """(n_cells, n_genes) imputation of every model gene at each cell's bin, never from the
+        bin's own value (see the module docstring), in the preprocessed expression space."""
+        model = self.model.to(device).eval()
+        mae, h, bs = model.mae, self.h, max(self.config.eval_batch_size // 2, 1)
+        p = self.config.token_bins
+        k = max(2, int(round(1.0 / (1.0 - self.config.mask.ratio))))
+        rng = np.random.default_rng(seed)
+        all_genes = torch.arange(self.n_genes, device=device)
+        out = np.zeros((self.data.n_cells, self.n_genes), dtype=np.float32)
+        for lat, tiles in zip(self.lattices, self._tiles()):
+            H, W = lat.shape
+            acc = torch.zeros(H * W, self.n_genes, device=device)
+            cnt = torch.zeros(H * W, device=device)
+            for i in range(0, len(tiles), bs):
+                o = tiles[i:i + bs]
+                pb = extract_patches(lat, o, h, h, self.channel_genes)
+                genes = torch.as_tensor(pb.genes, device=device)
+                occ = torch.as_tensor(pb.occupancy, device=device)
+                x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
+                tok_occ = mae.token_occupancy(occ)
+                group = torch.as_tensor(rng.integers(0, k, size=tok_occ.shape), device=device)
+                B = len(o)
+                for g in range(k):
+                    visible = tok_occ & (group == g)
+                    masked = tok_occ & ~visible
+                    states, order, pad = mae.encode(x, occ, genes, visible)
+                    pred = mae.decode(states, order, pad, tok_occ, all_genes.expand(B, -1))
+                    pred = model.unstandardise(pred.float(), all_genes.expand(B, -1))
+                    bin_masked = mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
+                    flat, keep = self._bin_index(o, lat, bin_masked)
+                    acc.index_add_(0, flat, pred[keep])
+                    cnt.index_add_(0, flat, torch.ones(len(flat), device=device))
+            grid = (acc / cnt.clamp(min=1)[:, None]).cpu().numpy()
+            out[lat.cells] = grid[lat.bin_of_cell]
+        return out
+
+    # -- masked-region benchmark -------------------------------------------------------------
+    @torch.no_grad()
+    def masked_region_benchmark(self, device: torch.device) -> dict:
+        """Square masks of each size in the held-out tiles: the model against the baselines.
+
+        For every held-out tile (channels drawn by the training rule with a fixed seed), each size
+        s and each of ``eval_mask_repeats`` draws, ``eval_mask_regions`` random s x s squares
+        (they may overlap) are hidden; errors are measured on the masked, occupied bins, in the
+        preprocessed expression space, for the model and for the baselines on the same masks:
+        zeros, the patch's mean over its unmasked occupied bins, the nearest unmasked occupied bin
+        (Euclidean in bins, ties by bin order) and inverse-distance-squared weighting of all
+        unmasked occupied bins of the patch."""
+        cfg, h = self.config, self.h
+        if sum(len(o) for o in self.holdout) == 0:
+            return {"held_out": "none (holdout_fraction = 0 or sections too small)"}
+        model = self.model.to(device).eval()
+        mae, p = model.mae, cfg.token_bins
+        rng = np.random.default_rng(cfg.holdout_seed + 2)
+        batches = self._holdout_batch_list(np.random.default_rng(cfg.holdout_seed + 1))
+        xy = torch.as_tensor(_bin_offsets(h, h), device=device)
+        dist = torch.cdist(xy, xy)  # (hw, hw) in bins
+        names = ("model",) + BASELINES
+        by_size: dict = {}
+        for s in cfg.eval_mask_sizes:
+            se = {k: 0.0 for k in names}
+            ae = {k: 0.0 for k in names}
+            n = 0
+            for _ in range(cfg.eval_mask_repeats):
+                for b in batches:
+                    pb = b.patches
+                    B = len(pb)
+                    mask = torch.as_tensor(regions((h, h), int(s), cfg.eval_mask_regions, rng, batch=B), device=device)
+                    genes = torch.as_tensor(pb.genes, device=device)
+                    occ = torch.as_tensor(pb.occupancy, device=device)
+                    raw = torch.as_tensor(pb.values, device=device)
+                    target = mask & occ
+                    if not bool(target.any()):
+                        continue
+                    tok_masked = mae.to_tokens(mask).any(dim=2)
+                    x = model.standardise(raw, occ, genes)
+                    pred = model.unstandardise(mae(x, occ, genes, tok_masked).float(), genes)
+                    preds = {"model": pred, **self._baselines(raw, occ, mask, dist)}
+                    truth = raw[target]
+                    for k in names:
+                        d = preds[k][target] - truth
+                        se[k] += float((d * d).sum())
+                        ae[k] += float(d.abs().sum())
+                    n += int(truth.numel())
+            by_size[str(s)] = {k: {"mse": se[k] / max(n, 1), "mae": ae[k] / max(n, 1)} for k in names}
+            by_size[str(s)]["n_values"] = n
+        sizes = [str(s) for s in cfg.eval_mask_sizes]
+        mean_of = lambda k, metric: float(np.mean([by_size[z][k][metric] for z in sizes]))  # noqa: E731
+        beats = {metric: all(by_size[z]["model"][metric] < by_size[z][b][metric] for z in sizes for b in BASELINES)
+                 for metric in ("mse", "mae")}
+        return {
+            "masked_mse": mean_of("model", "mse"),
+            "masked_mae": mean_of("model", "mae"),
+            "baselines": {b: mean_of(b, "mse") for b in BASELINES},
+            "baselines_mae": {b: mean_of(b, "mae") for b in BASELINES},
+            "by_mask_size": by_size,
+            "beats_all_baselines_mse": beats["mse"],
+            "beats_all_baselines_mae": beats["mae"],
+            "held_out": (f"{sum(len(o) for o in self.holdout)} non-overlapping {h}x{h} tiles "
+                         f"({cfg.holdout_fraction:.0%} of each section's tiles, seed {cfg.holdout_seed}); "
+                         "no training patch overlaps them"),
+            "mask": f"{cfg.eval_mask_regions} random s x s squares per tile, {cfg.eval_mask_repeats} draws per size",
+            "space": "preprocessed expression (the model's input space), masked occupied bins, patch channels",
+        }
+
+    @staticmethod
+    def _baselines(raw: torch.Tensor, occ: torch.Tensor, mask: torch.Tensor, dist: torch.Tensor) -> dict:
+        """Baseline predictions (B, h, w, m) from each patch's unmasked occupied bins (vectorised)."""
+        B, h, w, m = raw.shape
+        vis = (occ & ~mask).reshape(B, h * w)
+        v = raw.reshape(B, h * w, m)
+        visf = vis.float()
+        n_vis = visf.sum(1).clamp(min=1)
+        mean = (v * visf[..., None]).sum(1) / n_vis[:, None]  # (B, m)
+        big = torch.finfo(torch.float32).max
+        d = torch.where(vis[:, None, :], dist[None], torch.full_like(dist[None], big).expand(B, -1, -1))
+        nearest = d.argmin(dim=2)  # (B, hw)
+        near = torch.gather(v, 1, nearest[..., None].expand(-1, -1, m))
+        wgt = torch.where(vis[:, None, :], 1.0 / dist[None].clamp(min=1e-6) ** 2, torch.zeros_like(d))
+        idw = torch.bmm(wgt, v) / wgt.sum(2, keepdim=True).clamp(min=1e-12)
+        has = vis.any(1)[:, None, None]
+        return {
+            "zeros": torch.zeros_like(raw),
+            "patch_mean": mean[:, None, None, :].expand(B, h, w, m),
+            "nearest": torch.where(has, near, torch.zeros_like(near)).reshape(B, h, w, m),
+            "idw": torch.where(has, idw, torch.zeros_like(idw)).reshape(B, h, w, m),
+        }
+
+    # -- downstream --------------------------------------------------------------------------
+    def _domains(self, emb: np.ndarray, data: SpatialDataset) -> tuple[np.ndarray, np.ndarray, dict]:
+        cfg = self.config
+        K = cfg.eval.n_domains
+        info: dict = {"clustering": cfg.domain_clustering}
+
+        def cluster(X):
+            if K:
+                return kmeans(X, int(K), seed=cfg.seed), {"method": "kmeans", "k": int(K)}
+            try:
+                from ..evaluation.clustering import graph_cluster_search
+            except ImportError:
+                labels, k = gmm_bic(X, seed=cfg.seed)
+                return labels, {"method": "gmm_bic", "k": k}
+            labels, extra = graph_cluster_search(X, None, seed=cfg.seed)
+            return labels, {"method": "leiden", "k": int(len(np.unique(labels))),
+                            "resolution": extra.get("resolution")}
+
+        if cfg.domain_clustering == "joint" or data.n_sections == 1:
+            labels, meta = cluster(emb)
+            names = np.array([f"{l}" for l in labels], dtype=object)
+        else:
+            labels = np.zeros(data.n_cells, dtype=np.int64)
+            names = np.empty(data.n_cells, dtype=object)
+            meta = {}
+            for s, sname in enumerate(data.section_names):
+                idx = data.section_indices(s)
+                if len(idx) == 0:
+                    continue
+                lab, meta = cluster(emb[idx])
+                labels[idx] = lab
+                names[idx] = [f"{sname}:{l}" for l in lab]
+        info.update(meta)
+        return labels, names, info
+
+    def _reference(self, data: SpatialDataset):
+        if getattr(data, "domains", None) is not None:
+            return data.domains, data.domain_key
+        if data.labels is not None:
+            return data.labels, data.label_key
+        return None, None
+
+    def _domain_metrics(self, labels: np.ndarray, data: SpatialDataset, info: dict) -> dict:
+        truth, key = self._reference(data)
+        out = dict(info)
+        if truth is None:
+            out["note"] = "no reference labels (set eval.domain_key or data.label_key) - no ARI / NMI"
+            return out
+        out.update(domain_scores(labels, truth))
+        out["reference_key"] = key
+        per = {}
+        for s, sname in enumerate(data.section_names):
+            idx = data.section_indices(s)
+            if np.any(truth[idx] >= 0):
+                per[sname] = domain_scores(labels[idx], truth[idx])
+        out["per_section"] = per
+        out["mean_section_ari"] = float(np.mean([v["ari"] for v in per.values()])) if per else None
+        return out
+
+    def _outputs(self, data: SpatialDataset, device: torch.device) -> tuple[MethodResults, dict]:
+        t0 = time.perf_counter()
+        emb = self.embed_cells(device)
+        timings = {"embed_seconds": time.perf_counter() - t0}
+        labels, names, info = self._domains(emb, data)
+        import pandas as pd
+
+        res = MethodResults(obsm={f"X_{NAME}": emb}, obs={f"{NAME}_domain": pd.Categorical(names)})
+        if self.config.reconstruction_layer:
+            t0 = time.perf_counter()
+            res.layers[f"{NAME}_reconstruction"] = self.reconstruct_cells(device, seed=self.config.seed)
+            timings["reconstruct_seconds"] = time.perf_counter() - t0
+        res.metrics["domains"] = self._domain_metrics(labels, data, info)
+        return res, timings
+
+    def _summary(self) -> dict:
+        cfg = self.config
+        return {
+            "bin_size": self.bin_size,
+            "lattice_shapes": {self.data.section_names[l.section]: list(l.shape) for l in self.lattices},
+            "occupied_bins": int(sum(l.n_occupied for l in self.lattices)),
+            "patch_size": cfg.patch_size,
+            "n_channels": int(min(cfg.n_channels, self.n_genes)),
+            "n_model_genes": self.n_genes,
+            "n_parameters": int(sum(p.numel() for p in self.model.parameters())),
+        }
+
+    def evaluate(self, data: SpatialDataset, device: torch.device,
+                 make_trainer: Callable[[TrainConfig], Any]) -> MethodResults:
+        cfg = self.config
+        res, timings = self._outputs(data, device)
+        t0 = time.perf_counter()
+        res.metrics["reconstruction"] = self.masked_region_benchmark(device)
+        timings["reconstruction_benchmark_seconds"] = time.perf_counter() - t0
+        labels = data.labels if data.labels is not None else getattr(data, "domains", None)
+        if labels is not None and np.sum(labels >= 0) >= 2:
+            res.metrics["probes"] = run_probes(
+                res.obsm[f"X_{NAME}"], labels, train_fraction=cfg.probe_train_fraction, seed=cfg.seed,
+                k=cfg.probe_k, hidden=cfg.probe_hidden, section=data.section, section_names=data.section_names,
+                train_sections=cfg.eval.train_sections or None, test_sections=cfg.eval.test_sections or None)
+            res.metrics["probes"]["label_key"] = data.label_key if data.labels is not None else data.domain_key
+        else:
+            res.metrics["probes"] = {"note": "no labels (set data.label_key or eval.domain_key) - probes skipped"}
+        res.metrics["patch_mae"] = {**self._summary(), **timings}
+        return res
+
+    def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
+        if self.model is None:
+            raise SpatialDataError("patch-mae: no trained model; load one with pipeline.load_model first.")
+        if data.n_genes != self.n_genes:
+            raise SpatialDataError(
+                f"patch-mae: the slide has {data.n_genes} model genes but the model expects {self.n_genes}; "
+                "build the dataset with the model's gene list."
+            )
+        self.data = data
+        self.lattices = build_lattices(data, self.bin_size)
+        small = [data.section_names[l.section] for l in self.lattices if min(l.shape) < self.h]
+        if small:
+            raise SpatialDataError(f"sections {small} are smaller than one {self.h} x {self.h} patch at bin size "
+                                   f"{self.bin_size}; they cannot be embedded by this model.")
+        res, timings = self._outputs(data, device)
+        res.metrics["patch_mae"] = {"bin_size": self.bin_size, **timings}
+        return res
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {
+            "genes": list(self.genes),
+            "n_genes": int(self.n_genes),
+            "bin_size": self.bin_size,
+            "channel_genes": [int(g) for g in (self.channel_genes if self.channel_genes is not None else [])],
+            "holdout_tiles": {self.data.section_names[l.section]: o.tolist()
+                              for l, o in zip(self.lattices, self.holdout)} if self.data is not None else {},
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.genes = [str(g) for g in state.get("genes", [])]
+        self.n_genes = int(state.get("n_genes", len(self.genes)))
+        self.bin_size = state.get("bin_size")
+        self.channel_genes = np.asarray(state.get("channel_genes", []), dtype=np.int64)
