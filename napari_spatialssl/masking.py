@@ -20,7 +20,8 @@ class MaskConfig:
     """Which cells (or channels) to mask.
 
     strategy: one of STRATEGIES;
-    ratio: fraction of cells (random_cells), of seed cells (niches), of gene entries (gene_channels);
+    ratio: fraction of cells masked (random_cells; niches: seed cells plus their neighbours are
+        added until about this fraction of cells is covered), of gene entries (gene_channels);
     cell_types: class names to mask entirely (cell_types);
     niche_hops: graph hops around each seed cell (niches);
     region_size: side of each square region in bins (regions, for patches);
@@ -39,6 +40,12 @@ class MaskConfig:
             raise SpatialDataError(f"mask strategy {self.strategy!r} unknown; choose one of {STRATEGIES}.")
         if not 0.0 < self.ratio < 1.0 and self.strategy in ("random_cells", "niches", "gene_channels"):
             raise SpatialDataError(f"mask ratio must be between 0 and 1 (exclusive), got {self.ratio}.")
+        if self.niche_hops < 0:
+            raise SpatialDataError(f"mask niche_hops must be >= 0, got {self.niche_hops}.")
+        if self.region_size < 1 or self.n_regions < 1:
+            raise SpatialDataError(
+                f"mask region_size and n_regions must be >= 1, got {self.region_size} and {self.n_regions}."
+            )
 
 
 def random_cells(n_cells: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -61,14 +68,40 @@ def cell_types(labels: np.ndarray, label_names: Sequence[str], chosen: Sequence[
 
 
 def niches(adjacency: sp.csr_matrix, ratio: float, hops: int, rng: np.random.Generator) -> np.ndarray:
-    """Spatial niches: random seed cells (a `ratio` of cells) plus their `hops`-hop neighbours."""
+    """Spatial niches: random seed cells plus their `hops`-hop neighbours in `adjacency` (a
+    per-section graph, so niches never cross sections), about a `ratio` of all cells in total.
+
+    Seeds are added in a few vectorised rounds (each a few sparse mat-vec products), each round
+    drawing new seeds for most of the missing coverage at the niche size seen so far, until the
+    masked fraction reaches `ratio` (it overshoots by at most about one niche).
+    """
     n = adjacency.shape[0]
-    seeds = random_cells(n, ratio, rng)
-    reached = seeds.astype(np.float32)
-    A = adjacency.astype(np.float32)
-    for _ in range(hops):
-        reached = np.maximum(reached, A @ reached)
-    return reached > 0
+    if adjacency.shape != (n, n):
+        raise SpatialDataError(f"niche masks need a square adjacency matrix, got shape {adjacency.shape}.")
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    A = sp.csr_matrix(adjacency, dtype=np.float32)
+    target = max(1, int(round(ratio * n)))
+    order = rng.permutation(n)
+    pos, covered = 0, 0
+    # First guess of a niche's size (a 2-D ego-net grows like hops^2), refined from each round;
+    # each round aims at 70% of the missing coverage so overlaps do not make it overshoot.
+    niche_size = 1.0 + float(A.nnz) / n * max(hops, 0) ** 2
+    while covered < target and pos < n:
+        want = max(1, int(np.ceil(0.7 * (target - covered) / niche_size)))
+        seeds = order[pos:pos + want]
+        pos += len(seeds)
+        reached = np.zeros(n, dtype=np.float32)
+        reached[seeds] = 1.0
+        for _ in range(hops):
+            reached = np.maximum(reached, A @ reached)
+        new = (reached > 0) & ~mask
+        gained = int(new.sum())
+        mask |= new
+        covered += gained
+        niche_size = max(1.0, gained / len(seeds)) if gained else niche_size
+    return mask
 
 
 def regions(shape: tuple[int, int], size: int, n_regions: int, rng: np.random.Generator,
@@ -89,9 +122,31 @@ def regions(shape: tuple[int, int], size: int, n_regions: int, rng: np.random.Ge
     return mask[0] if batch is None else mask
 
 
-def gene_channels(n_cells: int, n_genes: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """(n_cells, n_genes) boolean: each entry masked with probability `ratio`."""
-    return rng.random((n_cells, n_genes)) < ratio
+def gene_channels(n_cells: int, n_genes: int, ratio: float, rng: np.random.Generator, *,
+                  exact: bool = False) -> np.ndarray:
+    """(n_cells, n_genes) boolean, True = gene hidden in that cell. Each entry is masked with
+    probability `ratio`, or with ``exact`` exactly round(ratio * n_genes) genes per cell (at least
+    one). Draw it per batch at atlas scale (a whole 4.3M x 550 mask is 2.4 GB)."""
+    if not exact:
+        return rng.random((n_cells, n_genes)) < ratio
+    k = min(n_genes, max(1, int(round(ratio * n_genes))))
+    keys = rng.random((n_cells, n_genes))
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    mask = np.zeros((n_cells, n_genes), dtype=bool)
+    np.put_along_axis(mask, chosen, True, axis=1)
+    return mask
+
+
+def draw_patch_mask(config: MaskConfig, batch: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(batch, h, w) boolean mask of square regions of patches (strategy 'regions')."""
+    config.validate()
+    return regions(shape, config.region_size, config.n_regions, rng, batch=batch)
+
+
+def draw_gene_mask(config: MaskConfig, n_cells: int, n_genes: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_cells, n_genes) boolean mask of gene channels (strategy 'gene_channels')."""
+    config.validate()
+    return gene_channels(n_cells, n_genes, config.ratio, rng)
 
 
 def draw_cell_mask(config: MaskConfig, n_cells: int, rng: np.random.Generator, *,

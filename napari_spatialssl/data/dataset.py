@@ -30,7 +30,8 @@ class PreprocessConfig:
     log1p: bool | None = None  # None = follow normalize_total
     n_top_genes: int | None = None  # highly variable genes; None = keep all
     hvg_flavor: str = "seurat_v3"  # seurat_v3 needs counts; falls back to 'seurat' otherwise
-    scale: bool = False  # per-gene z-score (on dense data), clipped at max_value
+    scale: bool = False  # per-gene scaling to unit variance, clipped at max_value
+    scale_zero_center: bool | None = None  # None = centre dense data only (sparse X stays sparse)
     max_value: float = 10.0
     layer: str | None = None  # read expression from adata.layers[layer] instead of X
 
@@ -212,10 +213,13 @@ class SpatialDataset:
         do_norm = counts if pp.normalize_total is None else pp.normalize_total
         do_log = do_norm if pp.log1p is None else pp.log1p
 
+        _check_expression(X, do_norm, name)
         gene_index = np.arange(X.shape[1])
+        hvg_used = None
         if genes is not None:
             gene_index = _match_genes(var_names, genes)
         elif pp.n_top_genes is not None and pp.n_top_genes < X.shape[1]:
+            hvg_used = pp.hvg_flavor if (pp.hvg_flavor != "seurat_v3" or counts) else "seurat"
             gene_index = select_hvg(adata, X, pp.n_top_genes, pp.hvg_flavor,
                                     section if len(section_names) > 1 else None)
 
@@ -224,16 +228,24 @@ class SpatialDataset:
             _log1p_copy(X) if do_log else (X.astype(np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
         )
         Xn = _take_columns(Xn, gene_index)
+        scaled_centered = None
         if pp.scale:
-            Xn = Xn.toarray() if sp.issparse(Xn) else Xn
-            mu, var = Xn.mean(0), Xn.var(0)
-            Xn = np.clip((Xn - mu) / np.sqrt(var + 1e-8), -pp.max_value, pp.max_value).astype(np.float32)
+            Xn, scaled_centered = scale_genes(Xn, pp.scale_zero_center, pp.max_value, name=name)
         if sp.issparse(Xn):
             Xn = sp.csr_matrix(Xn, dtype=np.float32)
             Xn.sort_indices()
         names = np.asarray(genes, dtype=str) if genes is not None else var_names[gene_index]
         record = asdict(pp)
-        record.update({"normalized": bool(do_norm), "logged": bool(do_log), "input_looked_like_counts": counts})
+        record.update({
+            "normalized": bool(do_norm),
+            "logged": bool(do_log),
+            "input_looked_like_counts": counts,
+            "n_genes_input": int(X.shape[1]),
+            "n_genes_used": int(len(gene_index)),
+            "hvg_flavor_used": hvg_used,
+            "scaled_zero_centered": scaled_centered,
+            "sparse": bool(sp.issparse(Xn)),
+        })
         return cls(
             coords=coords,
             X=Xn,
@@ -251,6 +263,51 @@ class SpatialDataset:
             domain_names=domain_names,
             domain_key=domain_key,
         )
+
+
+def _check_expression(X, normalize: bool, name: str) -> None:
+    """Expression must be finite; normalising to a total needs non-negative values."""
+    data = X.data if sp.issparse(X) else X
+    if not np.issubdtype(np.asarray(data).dtype, np.number):
+        raise SpatialDataError(f"{name}: expression has dtype {np.asarray(data).dtype}; store numbers.")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise SpatialDataError(
+            f"{name}: expression holds {int((~finite).sum())} NaN or infinite value(s); fill or drop them first."
+        )
+    if normalize and data.size and np.min(data) < 0:
+        raise SpatialDataError(
+            f"{name}: expression has negative values, so it cannot be normalised to a total count; "
+            "pass preprocess normalize_total=False (it already looks transformed)."
+        )
+
+
+def scale_genes(X, zero_center: bool | None, max_value: float, name: str = "AnnData"):
+    """Per-gene scaling to unit variance, clipped at +-max_value. Returns (X, centred?).
+
+    Dense X is z-scored (centred) unless ``zero_center=False``. Sparse X is only divided by each
+    gene's standard deviation (``zero_center=None`` or False), which keeps it sparse: centring
+    would densify the whole matrix, which this module never does; ``zero_center=True`` on a
+    sparse matrix is refused.
+    """
+    mean, var = gene_mean_var(X)
+    std = np.sqrt(var + 1e-8).astype(np.float32)
+    if sp.issparse(X):
+        if zero_center:
+            raise SpatialDataError(
+                f"{name}: centring a sparse expression matrix would densify it ({X.shape[0]} x {X.shape[1]}); "
+                "use scale_zero_center=None/False (unit variance without centring), or pass dense X."
+            )
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        X.data /= std[X.indices]
+        np.clip(X.data, -max_value, max_value, out=X.data)
+        return X, False
+    centre = zero_center is None or zero_center
+    X = np.asarray(X, dtype=np.float32)
+    out = (X - mean.astype(np.float32)) if centre else X.copy()
+    out /= std
+    np.clip(out, -max_value, max_value, out=out)
+    return out, bool(centre)
 
 
 def _log1p_copy(X):
