@@ -24,7 +24,7 @@ from .config import TrainConfig, apply_overrides, config_from_dict, config_to_di
 from .data.dataset import SpatialDataset
 from .data.io import SpatialDataError, atomic_write_h5ad, atomic_write_text
 from .models.base import MethodResults, SSLMethod, data_config_of, get_method_class
-from .training import TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions
+from .training import TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, seed_everything
 
 UNS_KEY = "spatialssl"
 
@@ -98,6 +98,7 @@ class Pipeline:
         data = dataset_from_config(adata, self.config, name=name)
         yield TrainEvent("stage", 0, self.config.epochs, message=f"preparing {self.method_cls.name}")
         self.method.data = data
+        seed_everything(self.config.seed)  # model initialisation in prepare is reproducible too
         self.method.prepare(data)
         trainer = self.make_trainer(self.config)
         yield from trainer.run(self.method)
@@ -110,6 +111,9 @@ class Pipeline:
             "device": str(trainer.device),
             "train_seconds": train_result.train_seconds,
             "epochs": train_result.epochs_run,
+            # pretraining throughput: slide cells x epochs run / pretraining seconds
+            "seconds_per_epoch": train_result.train_seconds / max(train_result.epochs_run, 1),
+            "cells_per_second": data.n_cells * train_result.epochs_run / max(train_result.train_seconds, 1e-9),
             "stopped_by_user": train_result.stopped_by_user,
             "stopped_early": train_result.stopped_early,
             "data": data.summary(),

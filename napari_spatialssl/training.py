@@ -162,6 +162,7 @@ class Trainer:
             if self._stop.is_set():
                 epoch -= 1
                 break
+            t_epoch = time.perf_counter()
             model.train()
             task.on_epoch_start(epoch, self.device)
             batches = task.train_batches(epoch, rng)  # may be a lazy generator
@@ -206,7 +207,8 @@ class Trainer:
             model.eval()
             with torch.no_grad(), self._autocast():
                 val = task.validation_loss(self.device)
-            record = {"epoch": epoch, **means, "val_loss": val, "elapsed": time.perf_counter() - t0}
+            record = {"epoch": epoch, **means, "val_loss": val, "elapsed": time.perf_counter() - t0,
+                      "epoch_seconds": time.perf_counter() - t_epoch, "steps": n_done}
             history.append(record)
             yield TrainEvent("epoch", epoch, cfg.epochs, n_done, n_steps, means, val, time.perf_counter() - t0)
             if val is not None and cfg.patience > 0:

@@ -1,0 +1,800 @@
+"""`gnn-mask`: masked-expression pretraining of a graph neural network on the spatial radius graph,
+then cell-type fine-tuning (after SpatialSSL, NeurIPS 2023 AI4Science; re-implemented from the
+paper's description).
+
+Pretext task: a fraction of cells (by default 20 %, drawn anew every step; any per-cell strategy
+of :func:`napari_spatialssl.masking.draw_cell_mask`) has its input expression replaced by zeros or
+a learned mask token; a GCN or GAT encoder over the radius graph (built once, per section) and an
+MLP decoder reconstruct *all* genes of the masked cells; the loss is the mean squared error on
+masked cells only.
+
+Two data modes on the same model:
+
+- ``graph_mode='whole'``: full-graph steps, one or several whole sections per step;
+- ``graph_mode='egonet'``: mini-batches of centre cells with their k-hop ego-nets
+  (k = number of GNN layers, so a centre's output equals its whole-graph output), the loss on
+  masked centre cells; memory is bounded by the batch, not the slide.
+
+GCN layers use the symmetric normalisation of the *whole* graph (degrees precomputed once), so
+ego-net outputs match whole-graph outputs exactly; GAT attention is local to a node's
+neighbourhood, which an ego-net holds completely for every node whose output reaches the centre.
+
+Held-out cells. Before training, a fixed evaluation mask (the configured strategy, seeded) and a
+validation set (``val_fraction`` of the other cells) are drawn. Neither ever contributes to the
+training loss (for the random strategies; with ``cell_types`` the evaluation cells are the masked
+types themselves and this is recorded as ``eval_cells_held_out: false``). The validation loss is
+the reconstruction MSE of the validation cells, all masked at once; it drives early stopping.
+
+Results (see models/base.py for the key convention):
+
+- ``obsm['X_gnn-mask']``: encoder output of every cell with nothing masked;
+- ``layers['gnn-mask_reconstruction']``: the decoder output of every cell in the forward pass in
+  which the evaluation-masked cells are masked: for masked cells a true reconstruction from their
+  neighbours, for the others the model's output with their own expression visible;
+- ``obs['gnn-mask_masked']``: the evaluation mask;
+- ``obs['gnn-mask_cell_type']``: the fine-tuned classifier's prediction for every cell (train and
+  test sections), when a label key is given.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DataConfig, EvalConfig, TrainConfig
+from ..data.dataset import PreprocessConfig, SpatialDataset
+from ..data.io import SpatialDataError
+from ..evaluation.classification import (
+    class_weight_vector,
+    classification_scores,
+    logistic_regression_baseline,
+)
+from ..graphs.egonet import EgoNetSampler
+from ..graphs.neighbors import CellGraph, radius_graph
+from ..masking import MaskConfig, draw_cell_mask
+from .base import MethodResults, SSLMethod, register
+
+NAME = "gnn-mask"
+
+
+def _default_data() -> DataConfig:
+    # log1p on top of the automatic choice: counts get normalise-total + log1p as usual, and
+    # already-normalised (non-integer) expression such as MERFISH volume-normalised values gets
+    # log1p alone, which tames its heavy right tail for the MSE objective.
+    return DataConfig(preprocess=PreprocessConfig(log1p=True))
+
+
+@dataclass
+class FinetuneConfig:
+    """Cell-type fine-tuning (pretrained encoder + a linear classification head).
+
+    mode: 'full' (encoder and head trained) or 'linear' (encoder frozen: a linear probe);
+    class_weights: 'balanced' | 'sqrt' | 'none' (weighted cross-entropy against imbalance);
+    val_fraction: share of the labelled training-section cells held out for early stopping;
+    epochs / lr / weight_decay / patience: as in TrainConfig, for this stage.
+    """
+
+    mode: str = "full"
+    epochs: int = 150
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 20
+    class_weights: str = "balanced"
+    val_fraction: float = 0.15
+    batch_size: int = 4096  # cells per step of the linear probe (on precomputed embeddings)
+
+
+@dataclass
+class GnnMaskConfig(TrainConfig):
+    """Settings of gnn-mask. Distances (radius) are in the coordinates' units (micrometres for
+    MERFISH / osmFISH / STARmap)."""
+
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 30
+    data: DataConfig = field(default_factory=_default_data)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # graph
+    radius: float = 30.0
+    graph_mode: str = "whole"  # whole | egonet
+    sections_per_step: int = 1  # whole mode: sections per full-graph step
+    batch_size: int = 512  # egonet mode: centre cells per step
+    num_hops: int | None = None  # egonet mode: None = number of GNN layers (exact)
+    # encoder
+    encoder: str = "gcn"  # gcn | gat
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    heads: int = 4  # gat only; each hidden dim must be divisible by it
+    dropout: float = 0.2
+    norm: str = "layer"  # layer | batch | none
+    residual: bool = True
+    # decoder + mask token
+    decoder: str = "mlp"  # mlp | linear
+    decoder_hidden: int = 256
+    mask_token: str = "learned"  # learned | zeros
+    standardize_input: bool = True  # encoder input = (x - mean) / s.d. of the training cells' genes
+    head_skip: bool = True  # classifier head reads [embedding, the cell's own standardised input]
+    # held-out cells
+    val_fraction: float = 0.1
+    max_val_cells: int = 20000
+    # memory: expression is cached densely when it fits under this size (GB); else densified per step
+    dense_cache_gb: float = 1.0
+
+    def validate(self) -> None:
+        self.mask.validate()
+        if self.graph_mode not in ("whole", "egonet"):
+            raise SpatialDataError(f"graph_mode must be 'whole' or 'egonet', got {self.graph_mode!r}.")
+        if self.encoder not in ("gcn", "gat"):
+            raise SpatialDataError(f"encoder must be 'gcn' or 'gat', got {self.encoder!r}.")
+        if not self.hidden_dims:
+            raise SpatialDataError("hidden_dims needs at least one layer size, e.g. --set hidden_dims=256,128.")
+        self.hidden_dims = [int(h) for h in self.hidden_dims]
+        if self.encoder == "gat" and any(h % self.heads for h in self.hidden_dims):
+            raise SpatialDataError(
+                f"GAT: every hidden dim {self.hidden_dims} must be divisible by heads={self.heads}.")
+        if self.norm not in ("layer", "batch", "none"):
+            raise SpatialDataError(f"norm must be layer, batch or none, got {self.norm!r}.")
+        if self.decoder not in ("mlp", "linear"):
+            raise SpatialDataError(f"decoder must be 'mlp' or 'linear', got {self.decoder!r}.")
+        if self.mask_token not in ("learned", "zeros"):
+            raise SpatialDataError(f"mask_token must be 'learned' or 'zeros', got {self.mask_token!r}.")
+        if self.finetune.mode not in ("full", "linear"):
+            raise SpatialDataError(f"finetune.mode must be 'full' or 'linear', got {self.finetune.mode!r}.")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise SpatialDataError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}.")
+        if self.radius <= 0:
+            raise SpatialDataError(f"radius must be positive (coordinates' units), got {self.radius}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# the networks
+
+
+class GraphEncoder(nn.Module):
+    """A stack of GCN or GAT layers: conv -> norm -> ELU -> dropout, plus an optional residual
+    (a linear projection where the width changes)."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int], conv: str = "gcn", heads: int = 4,
+                 dropout: float = 0.2, norm: str = "layer", residual: bool = True):
+        super().__init__()
+        from torch_geometric.nn import GATConv, GCNConv
+
+        self.conv_kind = conv
+        self.dropout = dropout
+        self.residual = residual
+        self.convs, self.norms, self.skips = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        dims = [in_dim] + list(hidden_dims)
+        for a, b in zip(dims[:-1], dims[1:]):
+            if conv == "gcn":
+                # normalisation supplied as edge weights from whole-graph degrees (see _gcn_weights)
+                self.convs.append(GCNConv(a, b, normalize=False, add_self_loops=False))
+            else:
+                self.convs.append(GATConv(a, b // heads, heads=heads, concat=True, dropout=dropout,
+                                          add_self_loops=True))
+            self.norms.append(nn.LayerNorm(b) if norm == "layer" else nn.BatchNorm1d(b) if norm == "batch"
+                              else nn.Identity())
+            self.skips.append((nn.Identity() if a == b else nn.Linear(a, b, bias=False)) if residual else None)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None):
+        h = x
+        for conv, norm, skip in zip(self.convs, self.norms, self.skips):
+            out = conv(h, edge_index, edge_weight) if self.conv_kind == "gcn" else conv(h, edge_index)
+            out = F.elu(norm(out))
+            if skip is not None:
+                out = out + skip(h)
+            h = F.dropout(out, self.dropout, self.training)
+        return h
+
+
+class GnnMaskModel(nn.Module):
+    """Encoder + expression decoder + mask token; after fine-tuning also `cell_type` (a copy of
+    the encoder, possibly fine-tuned, and a linear head)."""
+
+    def __init__(self, n_genes: int, cfg: GnnMaskConfig, n_classes: int = 0):
+        super().__init__()
+        self.encoder = GraphEncoder(n_genes, cfg.hidden_dims, cfg.encoder, cfg.heads, cfg.dropout, cfg.norm,
+                                    cfg.residual)
+        d = cfg.hidden_dims[-1]
+        if cfg.decoder == "mlp":
+            self.decoder = nn.Sequential(nn.Linear(d, cfg.decoder_hidden), nn.ELU(),
+                                         nn.Linear(cfg.decoder_hidden, n_genes))
+        else:
+            self.decoder = nn.Linear(d, n_genes)
+        self.mask_token = nn.Parameter(torch.zeros(n_genes), requires_grad=cfg.mask_token == "learned")
+        self.input_norm = InputNorm(n_genes)
+        self.cell_type = CellTypeModel(copy.deepcopy(self.input_norm), copy.deepcopy(self.encoder), d, n_classes,
+                                       cfg.head_skip) if n_classes else None
+
+    def hide(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked rows replaced by the mask token (zeros unless learned), after standardising."""
+        return torch.where(mask[:, None], self.mask_token.to(x.dtype)[None, :], x)
+
+    def forward(self, x, edge_index, edge_weight=None, mask=None):
+        """(embeddings, reconstruction) of every node; `mask` (bool, nodes) hides those inputs.
+        The reconstruction is in the units of `x` (preprocessed expression)."""
+        h = self.input_norm(x)
+        if mask is not None:
+            h = self.hide(h, mask)
+        z = self.encoder(h, edge_index, edge_weight)
+        return z, self.decoder(z)
+
+
+class InputNorm(nn.Module):
+    """Fixed per-gene standardisation (buffers set from the training cells; identity by default)."""
+
+    def __init__(self, n_genes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_genes))
+        self.register_buffer("scale", torch.ones(n_genes))
+
+    def set(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.scale.copy_(torch.as_tensor(1.0 / np.maximum(std, 1e-3), dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean) * self.scale
+
+
+class CellTypeModel(nn.Module):
+    """Encoder + linear head; with `skip` the head also reads the cell's own standardised input."""
+
+    def __init__(self, input_norm: InputNorm, encoder: GraphEncoder, dim: int, n_classes: int, skip: bool = True):
+        super().__init__()
+        self.input_norm = input_norm
+        self.encoder = encoder
+        self.skip = skip
+        n_genes = input_norm.mean.shape[0]
+        self.head = nn.Linear(dim + (n_genes if skip else 0), n_classes)
+
+    def features(self, x, edge_index, edge_weight=None):
+        h = self.input_norm(x)
+        z = self.encoder(h, edge_index, edge_weight)
+        return torch.cat([z, h], dim=1) if self.skip else z
+
+    def forward(self, x, edge_index, edge_weight=None):
+        return self.head(self.features(x, edge_index, edge_weight))
+
+
+# ----------------------------------------------------------------------------------------------
+# graph views
+
+
+@dataclass
+class _Sub:
+    """A subgraph ready for the model: global node ids, local edges (+ GCN weights), and where
+    the cells of interest sit in it."""
+
+    nodes: np.ndarray
+    edge_index: torch.Tensor
+    edge_weight: torch.Tensor | None
+    pos: np.ndarray  # local positions of the cells of interest
+    cells: np.ndarray  # their global ids
+
+
+class GraphView:
+    """The radius graph of a slide, built once, and the subgraphs the model runs on."""
+
+    def __init__(self, data: SpatialDataset, cfg: GnnMaskConfig):
+        self.cfg = cfg
+        self.graph: CellGraph = radius_graph(data.coords, cfg.radius, data.section)
+        self.degree = self.graph.degrees().astype(np.float64)
+        self.section = data.section
+        self.n_sections = data.n_sections
+        self.num_hops = cfg.num_hops if cfg.num_hops is not None else len(cfg.hidden_dims)
+        self.sampler = EgoNetSampler(self.graph, self.num_hops) if cfg.graph_mode == "egonet" else None
+        self._section_cache: dict[int, tuple] = {}
+
+    def _weights(self, nodes: np.ndarray, edge_index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Local edges plus self loops; for GCN the weights 1/sqrt((d_i+1)(d_j+1)) of the whole graph."""
+        n = len(nodes)
+        loops = np.arange(n, dtype=np.int64)
+        ei = np.concatenate([edge_index, np.stack([loops, loops])], axis=1) if self.cfg.encoder == "gcn" \
+            else edge_index
+        if self.cfg.encoder != "gcn":
+            return torch.from_numpy(np.ascontiguousarray(ei)), None
+        d = self.degree[nodes] + 1.0
+        w = 1.0 / np.sqrt(d[ei[0]] * d[ei[1]])
+        return torch.from_numpy(np.ascontiguousarray(ei)), torch.from_numpy(w.astype(np.float32))
+
+    def section_sub(self, s: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+        if s not in self._section_cache:
+            nodes = np.flatnonzero(self.section == s)
+            ei, _ = self.graph.subgraph(nodes)
+            self._section_cache[s] = (nodes, *self._weights(nodes, ei))
+        return self._section_cache[s]
+
+    def whole(self, sections: list[int], cells: np.ndarray | None = None) -> _Sub:
+        """Several whole sections as one (block-diagonal) graph; `cells` = cells of interest."""
+        parts = [self.section_sub(s) for s in sections]
+        if len(parts) == 1:
+            nodes, ei, ew = parts[0]
+        else:
+            offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+            nodes = np.concatenate([p[0] for p in parts])
+            ei = torch.cat([p[1] + int(o) for p, o in zip(parts, offsets)], dim=1)
+            ew = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        if cells is None:
+            pos = np.arange(len(nodes))
+            cells = nodes
+        else:
+            order = np.argsort(nodes)
+            pos = order[np.searchsorted(nodes, cells, sorter=order)]
+        return _Sub(nodes, ei, ew, pos, cells)
+
+    def subgraphs(self, cells: np.ndarray, *, shuffle: bool = False, rng=None,
+                  sections_per_step: int = 1) -> Iterator[_Sub]:
+        """Subgraphs covering `cells`: whole sections (whole mode) or ego-net batches (egonet mode)."""
+        cells = np.asarray(cells, dtype=np.int64)
+        if self.sampler is not None:
+            for b in self.sampler.batches(cells, self.cfg.batch_size, shuffle=shuffle, rng=rng):
+                ei, ew = self._weights(b.nodes, b.edge_index)
+                yield _Sub(b.nodes, ei, ew, b.center_pos, b.centers)
+            return
+        secs = np.unique(self.section[cells])
+        if shuffle:
+            secs = (rng or np.random.default_rng()).permutation(secs)
+        cell_sec = self.section[cells]
+        for i in range(0, len(secs), max(1, sections_per_step)):
+            group = [int(s) for s in secs[i:i + sections_per_step]]
+            yield self.whole(group, cells[np.isin(cell_sec, group)])
+
+    def n_subgraphs(self, n_cells: int, n_sections_hit: int, sections_per_step: int = 1) -> int:
+        if self.sampler is not None:
+            return int(np.ceil(n_cells / self.cfg.batch_size))
+        return int(np.ceil(n_sections_hit / max(1, sections_per_step)))
+
+
+class _Batches:
+    """A lazily generated, sized sequence of training batches (so the Trainer can show n_steps)."""
+
+    def __init__(self, make: Callable[[], Iterator], n: int):
+        self.make, self.n = make, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+# ----------------------------------------------------------------------------------------------
+# the method
+
+
+@register
+class GnnMask(SSLMethod):
+    name = NAME
+    config_class = GnnMaskConfig
+
+    def __init__(self, config: GnnMaskConfig | None = None):
+        super().__init__(config)
+        self.genes: list[str] = []
+        self.label_names: list[str] = []
+        self.gene_mean: np.ndarray | None = None
+        self.view: GraphView | None = None
+
+    # -- data access ------------------------------------------------------------------------
+    def _setup_data(self, data: SpatialDataset) -> None:
+        self.data = data
+        self.config.validate()
+        self.view = GraphView(data, self.config)
+        nbytes = data.n_cells * data.n_genes * 4
+        self._dense = data.dense_rows(slice(None)) if nbytes <= self.config.dense_cache_gb * 1e9 else None
+
+    def _x(self, nodes: np.ndarray) -> torch.Tensor:
+        rows = self._dense[nodes] if self._dense is not None else self.data.dense_rows(nodes)
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+    # -- pretraining ------------------------------------------------------------------------
+    def prepare(self, data: SpatialDataset) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self._setup_data(data)
+        self.genes = [str(g) for g in data.gene_names]
+        n = data.n_cells
+        rng = np.random.default_rng([cfg.seed, 7])  # held-out draws, separate from the training stream
+        self.eval_mask = draw_cell_mask(cfg.mask, n, rng, labels=data.labels, label_names=data.label_names,
+                                        adjacency=self.view.graph.to_scipy())
+        random_strategy = cfg.mask.strategy in ("random_cells", "niches")
+        self.eval_held_out = random_strategy
+        pool = np.flatnonzero(~self.eval_mask) if random_strategy else np.arange(n)
+        n_val = int(round(cfg.val_fraction * n))
+        self.val_cells = np.sort(rng.choice(pool, size=min(n_val, len(pool), cfg.max_val_cells),
+                                            replace=False)) if n_val else np.zeros(0, np.int64)
+        held = np.zeros(n, bool)
+        held[self.val_cells] = True
+        if random_strategy:
+            held |= self.eval_mask
+        self.target_ok = ~held
+        self.gene_mean, gene_std = self._mean_std(np.flatnonzero(self.target_ok))
+        self.model = self.build_model_for(n_classes=0)
+        if cfg.standardize_input:
+            self.model.input_norm.set(self.gene_mean, gene_std)
+
+    def _mean_std(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ..data.dataset import gene_mean_var
+
+        mean, var = gene_mean_var(self.data.X[cells])
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+    def build_model_for(self, n_classes: int) -> GnnMaskModel:
+        return GnnMaskModel(len(self.genes), self.config, n_classes)
+
+    def build_model(self) -> torch.nn.Module:
+        return self.build_model_for(len(self.label_names))
+
+    def train_batches(self, epoch: int, rng: np.random.Generator):
+        cfg = self.config
+        # whole mode: every node is in the graph anyway; egonet mode: only scorable centres
+        cells = np.arange(self.data.n_cells) if self.view.sampler is None else np.flatnonzero(self.target_ok)
+        spp = cfg.sections_per_step
+        n = self.view.n_subgraphs(len(cells), self.data.n_sections, spp)
+
+        def make():
+            for sub in self.view.subgraphs(cells, shuffle=True, rng=rng, sections_per_step=spp):
+                yield sub, self._draw_train_mask(sub, rng)
+
+        return _Batches(make, n)
+
+    def _draw_train_mask(self, sub: _Sub, rng: np.random.Generator) -> np.ndarray:
+        """A new mask on the subgraph's nodes by the configured strategy."""
+        cfg = self.config.mask
+        labels = self.data.labels[sub.nodes] if self.data.labels is not None else None
+        adj = None
+        if cfg.strategy == "niches":
+            ei = sub.edge_index.numpy()
+            adj = sp.csr_matrix((np.ones(ei.shape[1], np.float32), (ei[1], ei[0])),
+                                shape=(len(sub.nodes), len(sub.nodes)))
+        return draw_cell_mask(cfg, len(sub.nodes), rng, labels=labels, label_names=self.data.label_names,
+                              adjacency=adj)
+
+    def _masked_loss(self, sub: _Sub, mask: np.ndarray, score: np.ndarray, device) -> torch.Tensor | None:
+        """MSE over all genes of the nodes in `score` (local, bool) with the nodes in `mask` hidden."""
+        x = self._x(sub.nodes).to(device, non_blocking=True)
+        ei = sub.edge_index.to(device)
+        ew = sub.edge_weight.to(device) if sub.edge_weight is not None else None
+        m = torch.from_numpy(mask).to(device)
+        _, rec = self.model(x, ei, ew, m)
+        sel = torch.from_numpy(np.flatnonzero(score)).to(device)
+        if sel.numel() == 0:
+            return None
+        return F.mse_loss(rec[sel].float(), x[sel].float())
+
+    def training_loss(self, batch, device) -> dict[str, torch.Tensor]:
+        sub, mask = batch
+        score = np.zeros(len(sub.nodes), bool)
+        score[sub.pos] = True  # whole mode: every node; egonet: the centres
+        score &= mask & self.target_ok[sub.nodes]
+        loss = self._masked_loss(sub, mask, score, device)
+        if loss is None:  # no scorable masked cell in this batch: a zero loss that keeps the graph
+            loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+        return {"loss": loss}
+
+    def validation_loss(self, device) -> float | None:
+        if len(self.val_cells) == 0:
+            return None
+        mask_global = np.zeros(self.data.n_cells, bool)
+        mask_global[self.val_cells] = True
+        _, rec, tgt = self._reconstruct(self.val_cells, mask_global, device)
+        return float(((rec - tgt) ** 2).mean())
+
+    # -- inference helpers ------------------------------------------------------------------
+    @torch.no_grad()
+    def _reconstruct(self, cells: np.ndarray, mask_global: np.ndarray, device, model: GnnMaskModel | None = None):
+        """(embeddings, reconstruction, input) of `cells` with the cells in `mask_global` hidden."""
+        model = model or self.model
+        model.eval()
+        emb = np.zeros((len(cells), self.config.hidden_dims[-1]), np.float32)
+        rec = np.zeros((len(cells), len(self.genes)), np.float32)
+        tgt = np.zeros_like(rec)
+        where = np.empty(self.data.n_cells, np.int64)
+        where[cells] = np.arange(len(cells))
+        for sub in self.view.subgraphs(cells, sections_per_step=1):
+            x = self._x(sub.nodes)
+            m = torch.from_numpy(mask_global[sub.nodes]).to(device)
+            z, r = model(x.to(device), sub.edge_index.to(device),
+                         None if sub.edge_weight is None else sub.edge_weight.to(device), m)
+            rows = where[sub.cells]
+            pos = torch.from_numpy(sub.pos).to(device)
+            emb[rows] = z[pos].float().cpu().numpy()
+            rec[rows] = r[pos].float().cpu().numpy()
+            tgt[rows] = x[sub.pos].numpy()
+        return emb, rec, tgt
+
+    @torch.no_grad()
+    def _classify(self, cells: np.ndarray, model: CellTypeModel, device) -> np.ndarray:
+        """Class logits of `cells` (nothing masked)."""
+        model.eval()
+        out = None
+        where = np.empty(self.data.n_cells, np.int64)
+        where[cells] = np.arange(len(cells))
+        for sub in self.view.subgraphs(cells):
+            logits = model(self._x(sub.nodes).to(device), sub.edge_index.to(device),
+                           None if sub.edge_weight is None else sub.edge_weight.to(device))
+            part = logits[torch.from_numpy(sub.pos).to(device)].float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(cells), part.shape[1]), np.float32)
+            out[where[sub.cells]] = part
+        return out
+
+    def _neighbor_mean(self, cells: np.ndarray, mask_global: np.ndarray) -> np.ndarray:
+        """Mean expression of each cell's visible (unmasked) neighbours; the training mean where
+        a cell has none."""
+        A = self.view.graph.to_scipy()[cells]
+        A = A @ sp.diags((~mask_global).astype(np.float32))
+        A = sp.csr_matrix(A)
+        deg = np.asarray(A.sum(axis=1)).ravel()
+        X = self.data.X if sp.issparse(self.data.X) else np.asarray(self.data.X)
+        sums = A @ X
+        sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+        out = np.where(deg[:, None] > 0, sums / np.maximum(deg, 1)[:, None], self.gene_mean[None, :])
+        return out.astype(np.float32)
+
+    def _reconstruction_metrics(self, mask_global: np.ndarray, rec_masked: np.ndarray,
+                                tgt_masked: np.ndarray) -> dict:
+        cells = np.flatnonzero(mask_global)
+        mse = float(((rec_masked - tgt_masked) ** 2).mean())
+        sst = float(((tgt_masked - tgt_masked.mean(0, keepdims=True)) ** 2).sum())
+        r2 = 1.0 - float(((rec_masked - tgt_masked) ** 2).sum()) / sst if sst > 0 else None
+        nb = self._neighbor_mean(cells, mask_global)
+        return {
+            "masked_mse": mse,
+            "masked_r2": r2,
+            "n_masked_cells": int(len(cells)),
+            "baselines": {
+                "train_mean": float(((self.gene_mean[None, :] - tgt_masked) ** 2).mean()),
+                "neighbor_mean": float(((nb - tgt_masked) ** 2).mean()),
+            },
+        }
+
+    # -- downstream -------------------------------------------------------------------------
+    def evaluate(self, data: SpatialDataset, device, make_trainer) -> MethodResults:
+        cfg = self.config
+        n = data.n_cells
+        all_cells = np.arange(n)
+        emb, _, _ = self._reconstruct(all_cells, np.zeros(n, bool), device)
+        _, rec, tgt = self._reconstruct(all_cells, self.eval_mask, device)
+        metrics = {
+            "graph": self.view.graph.summary(),
+            "graph_mode": cfg.graph_mode,
+            "reconstruction": {
+                **self._reconstruction_metrics(self.eval_mask, rec[self.eval_mask], tgt[self.eval_mask]),
+                "eval_cells_held_out": bool(self.eval_held_out),
+                "n_val_cells": int(len(self.val_cells)),
+            },
+        }
+        results = MethodResults(
+            obsm={f"X_{NAME}": emb},
+            layers={f"{NAME}_reconstruction": rec},
+            obs={f"{NAME}_masked": self.eval_mask.copy()},
+            metrics=metrics,
+        )
+        if data.labels is not None:
+            ct, pred = self._cell_types(data, device, make_trainer)
+            metrics["cell_type"] = ct
+            import pandas as pd
+
+            results.obs[f"{NAME}_cell_type"] = pd.Categorical.from_codes(pred, categories=self.label_names)
+        return results
+
+    def _split(self, data: SpatialDataset) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Train / test cells for fine-tuning: by section names, or a default split."""
+        ec = self.config.eval
+        names = data.section_names
+        for s in list(ec.train_sections) + list(ec.test_sections):
+            data.section_code(s)  # clear error for an unknown section
+        if ec.train_sections or ec.test_sections:
+            test = list(ec.test_sections) or [s for s in names if s not in ec.train_sections]
+            train = list(ec.train_sections) or [s for s in names if s not in test]
+            overlap = set(train) & set(test)
+            if overlap:
+                raise SpatialDataError(f"sections {sorted(overlap)} are both train and test sections; "
+                                       "held-out sections must never be seen in fine-tuning.")
+        elif len(names) > 1:
+            train, test = names[:-1], names[-1:]
+        else:
+            train = test = None
+        if train is None:
+            # one section: the left half (by x) fine-tunes, the right half is held out
+            x = data.coords[:, 0]
+            cut = np.median(x)
+            tr, te = np.flatnonzero(x <= cut), np.flatnonzero(x > cut)
+            # Labels of the right half are never used in fine-tuning; its expression is graph context
+            # for the cells near the cut (whole mode) as it would be in any in-slide annotation task.
+            return tr, te, {"split": "one section: x <= median trains, x > median tests"}
+        tr = np.flatnonzero(np.isin(data.section, [data.section_code(s) for s in train]))
+        te = np.flatnonzero(np.isin(data.section, [data.section_code(s) for s in test]))
+        if not len(te) or not len(tr):
+            raise SpatialDataError("fine-tuning needs at least one train and one test section.")
+        return tr, te, {"split": "by section", "train_sections": list(train), "test_sections": list(test)}
+
+    def _cell_types(self, data: SpatialDataset, device, make_trainer) -> tuple[dict, np.ndarray]:
+        cfg, fc = self.config, self.config.finetune
+        self.label_names = list(data.label_names)
+        k = len(self.label_names)
+        labels = data.labels
+        train_cells, test_cells, split = self._split(data)
+        lab_train = train_cells[labels[train_cells] >= 0]
+        lab_test = test_cells[labels[test_cells] >= 0]
+        if len(lab_train) == 0:
+            raise SpatialDataError("no labelled cells in the training sections; check --label-key / --train-sections.")
+        rng = np.random.default_rng([cfg.seed, 11])
+        n_val = int(round(fc.val_fraction * len(lab_train)))
+        perm = rng.permutation(lab_train)
+        ft_val, ft_train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        weights = class_weight_vector(labels[ft_train], k, fc.class_weights)
+
+        def finetune(encoder: GraphEncoder, tag: str) -> tuple[CellTypeModel, dict]:
+            ct_model = CellTypeModel(copy.deepcopy(self.model.input_norm), copy.deepcopy(encoder),
+                                     cfg.hidden_dims[-1], k, cfg.head_skip)
+            task = _CellTypeTask(self, ct_model, ft_train, ft_val, train_cells, weights, fc, device)
+            tcfg = TrainConfig(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, seed=cfg.seed,
+                               device=str(device), amp=cfg.amp, patience=fc.patience, grad_clip=cfg.grad_clip)
+            result = make_trainer(tcfg).fit(task)
+            return ct_model, {"epochs": result.epochs_run, "seconds": result.train_seconds,
+                              "best_epoch": result.best_epoch, "stage": tag}
+
+        all_cells = np.arange(data.n_cells)
+        model, info = finetune(self.model.encoder, "pretrained")
+        logits = self._classify(all_cells, model, device)
+        pred = logits.argmax(1)
+        out = {**classification_scores(labels[lab_test], pred[lab_test]), **split, "mode": fc.mode,
+               "class_weights": fc.class_weights, "n_train_cells": int(len(ft_train)),
+               "n_val_cells": int(len(ft_val)), "n_test_cells": int(len(lab_test)),
+               "validation": classification_scores(labels[ft_val], pred[ft_val]), "finetune": info}
+        # baselines on the same split
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed + 1000)
+        random_encoder = GraphEncoder(len(self.genes), cfg.hidden_dims, cfg.encoder, cfg.heads, cfg.dropout,
+                                      cfg.norm, cfg.residual)
+        torch.random.set_rng_state(torch_state)
+        rmodel, rinfo = finetune(random_encoder, "random_init")
+        rpred = self._classify(all_cells, rmodel, device).argmax(1)
+        lr_train = np.concatenate([ft_train, ft_val])
+        lpred = logistic_regression_baseline(self.data.dense_rows(lr_train), labels[lr_train],
+                                             self.data.dense_rows(lab_test), class_weights=fc.class_weights,
+                                             seed=cfg.seed)
+        out["baselines"] = {
+            "random_init": {**classification_scores(labels[lab_test], rpred[lab_test]), "finetune": rinfo,
+                            "validation": classification_scores(labels[ft_val], rpred[ft_val])},
+            "expression_logreg": classification_scores(labels[lab_test], lpred),
+        }
+        self.model.cell_type = model.to(next(self.model.parameters()).device)
+        return out, pred
+
+    # -- prediction on a new slide ----------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {
+            "genes": list(self.genes),
+            "n_genes": len(self.genes),
+            "label_names": list(self.label_names),
+            "gene_mean": None if self.gene_mean is None else self.gene_mean.tolist(),
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.genes = [str(g) for g in state.get("genes", [])]
+        self.label_names = [str(c) for c in state.get("label_names", [])]
+        gm = state.get("gene_mean")
+        self.gene_mean = None if gm is None else np.asarray(gm, np.float32)
+
+    def predict(self, data: SpatialDataset, device) -> MethodResults:
+        cfg = self.config
+        if self.model is None:
+            raise SpatialDataError("gnn-mask: no trained model loaded; load one with pipeline.load_model.")
+        if data.n_genes != len(self.genes):
+            raise SpatialDataError(f"the slide has {data.n_genes} model genes, the model expects {len(self.genes)}.")
+        self._setup_data(data)
+        self.model.to(device)
+        n = data.n_cells
+        rng = np.random.default_rng([cfg.seed, 7])
+        eval_mask = draw_cell_mask(cfg.mask, n, rng, labels=data.labels, label_names=data.label_names,
+                                   adjacency=self.view.graph.to_scipy()) if cfg.mask.strategy != "cell_types" \
+            else np.zeros(n, bool)
+        all_cells = np.arange(n)
+        emb, _, _ = self._reconstruct(all_cells, np.zeros(n, bool), device)
+        _, rec, tgt = self._reconstruct(all_cells, eval_mask, device)
+        if self.gene_mean is None:
+            self.gene_mean = tgt.mean(0)
+        metrics = {"graph": self.view.graph.summary()}
+        if eval_mask.any():
+            metrics["reconstruction"] = self._reconstruction_metrics(eval_mask, rec[eval_mask], tgt[eval_mask])
+        results = MethodResults(obsm={f"X_{NAME}": emb}, layers={f"{NAME}_reconstruction": rec},
+                                obs={f"{NAME}_masked": eval_mask}, metrics=metrics)
+        if self.model.cell_type is not None and self.label_names:
+            import pandas as pd
+
+            pred = self._classify(all_cells, self.model.cell_type, device).argmax(1)
+            results.obs[f"{NAME}_cell_type"] = pd.Categorical.from_codes(pred, categories=self.label_names)
+            if data.labels is not None:
+                # map the slide's label names onto the model's classes; others count as unknown
+                lookup = {c: i for i, c in enumerate(self.label_names)}
+                remap = np.array([lookup.get(c, -1) for c in data.label_names] + [-1], np.int64)
+                truth = remap[data.labels]  # label -1 indexes the trailing -1
+                ok = truth >= 0
+                metrics["cell_type"] = classification_scores(truth[ok], pred[ok])
+        return results
+
+
+class _CellTypeTask:
+    """Fine-tuning as a TrainingTask: weighted cross-entropy on labelled training cells.
+
+    'full': the encoder and head train on subgraphs of the training sections only (whole
+    sections or ego-nets of training cells), so held-out sections are never seen.
+    'linear': the encoder is frozen; embeddings of the training cells are computed once (on the
+    same training-section subgraphs) and the head trains on them.
+    """
+
+    def __init__(self, method: GnnMask, model: CellTypeModel, train: np.ndarray, val: np.ndarray,
+                 section_cells: np.ndarray, weights: np.ndarray, fc: FinetuneConfig, device):
+        self.method, self.model, self.fc = method, model, fc
+        self.train, self.val = train, val
+        self.labels = method.data.labels
+        self.section_cells = section_cells
+        self.weight = torch.from_numpy(weights)
+        self.linear = fc.mode == "linear"
+        if self.linear:
+            for p in model.encoder.parameters():
+                p.requires_grad_(False)
+            model.to(device)
+            both = np.concatenate([train, val])
+            z = self._embed(both, device)
+            self.z_train, self.z_val = z[: len(train)], z[len(train):]
+
+    @torch.no_grad()
+    def _embed(self, cells: np.ndarray, device) -> torch.Tensor:
+        self.model.eval()
+        out = None
+        where = np.empty(self.method.data.n_cells, np.int64)
+        where[cells] = np.arange(len(cells))
+        m = self.method
+        for sub in m.view.subgraphs(cells):
+            z = self.model.features(m._x(sub.nodes).to(device), sub.edge_index.to(device),
+                                    None if sub.edge_weight is None else sub.edge_weight.to(device))
+            if out is None:
+                out = torch.zeros(len(cells), z.shape[1])
+            out[torch.from_numpy(where[sub.cells])] = z[torch.from_numpy(sub.pos).to(device)].float().cpu()
+        return out
+
+    def on_epoch_start(self, epoch, device):
+        if self.linear:
+            self.model.encoder.eval()
+
+    def train_batches(self, epoch, rng):
+        if self.linear:
+            perm = rng.permutation(len(self.train))
+            bs = self.fc.batch_size
+            return [perm[i:i + bs] for i in range(0, len(perm), bs)]
+        m = self.method
+        n = m.view.n_subgraphs(len(self.train), len(np.unique(m.data.section[self.train])), 1)
+        return _Batches(lambda: m.view.subgraphs(self.train, shuffle=True, rng=rng), n)
+
+    def _loss(self, logits, y, device):
+        return F.cross_entropy(logits.float(), torch.from_numpy(y).to(device), weight=self.weight.to(device))
+
+    def training_loss(self, batch, device):
+        if self.linear:
+            logits = self.model.head(self.z_train[torch.from_numpy(batch)].to(device))
+            return {"loss": self._loss(logits, self.labels[self.train[batch]], device)}
+        m, sub = self.method, batch
+        logits = self.model(m._x(sub.nodes).to(device), sub.edge_index.to(device),
+                            None if sub.edge_weight is None else sub.edge_weight.to(device))
+        pos = torch.from_numpy(sub.pos).to(device)
+        return {"loss": self._loss(logits[pos], self.labels[sub.cells], device)}
+
+    def validation_loss(self, device):
+        if len(self.val) == 0:
+            return None
+        if self.linear:
+            logits = self.model.head(self.z_val.to(device))
+        else:
+            logits = torch.from_numpy(self.method._classify(self.val, self.model, device)).to(device)
+        return float(self._loss(logits, self.labels[self.val], device))

@@ -1,0 +1,158 @@
+"""The shared Trainer: device choice, seeding, early stopping, stop flag, checkpoints, events."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_spatialssl.config import TrainConfig
+from napari_spatialssl.data.io import SpatialDataError
+from napari_spatialssl.training import Trainer, load_checkpoint, resolve_device
+
+
+class RegressionTask:
+    """y = X w + noise; a linear model. `val_curve` optionally dictates validation losses."""
+
+    name = "toy"
+
+    def __init__(self, n=256, d=8, n_batches=4, val_curve=None, seed=0):
+        g = np.random.default_rng(seed)
+        self.X = torch.from_numpy(g.normal(size=(n, d)).astype(np.float32))
+        self.y = self.X @ torch.from_numpy(g.normal(size=(d, 1)).astype(np.float32))
+        self.model = torch.nn.Linear(d, 1)
+        self.n_batches = n_batches
+        self.val_curve = val_curve
+        self.epochs_started = 0
+        self.steps = 0
+        self.step_hook = None
+
+    def train_batches(self, epoch, rng):
+        perm = rng.permutation(len(self.X))
+        return np.array_split(perm, self.n_batches)
+
+    def training_loss(self, batch, device):
+        self.steps += 1
+        if self.step_hook is not None:
+            self.step_hook(self.steps)
+        idx = torch.from_numpy(batch)
+        pred = self.model(self.X[idx].to(device))
+        return {"loss": torch.nn.functional.mse_loss(pred, self.y[idx].to(device))}
+
+    def validation_loss(self, device):
+        if self.val_curve is not None:
+            return float(self.val_curve[min(self.epochs_started - 1, len(self.val_curve) - 1)])
+        return float(torch.nn.functional.mse_loss(self.model(self.X.to(device)), self.y.to(device)))
+
+    def on_epoch_start(self, epoch, device):
+        self.epochs_started += 1
+
+    def extra_state(self):
+        return {"note": "toy"}
+
+
+def test_resolve_device_auto_and_errors():
+    dev = resolve_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert dev.type == "cuda"
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert dev.type in ("cpu", "mps")
+        with pytest.raises(SpatialDataError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_training_reduces_loss_and_emits_events():
+    task = RegressionTask()
+    events = []
+    result = Trainer(TrainConfig(epochs=20, lr=0.05, device="cpu")).fit(task, callback=events.append)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("epoch") == 20 and kinds.count("step") == 20 * 4
+    assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
+    assert all("epoch_seconds" in h and h["steps"] == 4 for h in result.history)
+    step_events = [e for e in events if e.kind == "step"]
+    assert step_events[0].n_steps == 4 and "loss" in step_events[0].losses
+
+
+def test_seeding_is_reproducible():
+    def run(seed):
+        torch.manual_seed(123)  # same init; the Trainer's seed drives the batch order
+        task = RegressionTask()
+        Trainer(TrainConfig(epochs=3, lr=0.05, seed=seed, device="cpu")).fit(task)
+        return task.model.weight.detach().clone()
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_early_stopping_restores_best_epoch():
+    curve = [5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8, 3.9, 4.0, 4.1]
+    task = RegressionTask(val_curve=curve)
+    snapshots = {}
+
+    trainer = Trainer(TrainConfig(epochs=10, lr=0.05, patience=3, device="cpu"))
+    for event in trainer.run(task):
+        if event.kind == "epoch":
+            snapshots[event.epoch] = task.model.weight.detach().clone()
+    r = trainer.result
+    assert r.stopped_early and r.best_epoch == 3 and r.epochs_run == 6
+    assert torch.equal(task.model.weight, snapshots[3])  # weights of the best epoch restored
+
+
+def test_stop_from_another_thread_takes_effect_at_next_step():
+    task = RegressionTask(n_batches=10)
+    trainer = Trainer(TrainConfig(epochs=1000, lr=0.01, device="cpu"))
+    reached, release = threading.Event(), threading.Event()
+
+    def hook(step):
+        if step == 15:
+            reached.set()
+            release.wait(5)
+
+    task.step_hook = hook
+    worker = threading.Thread(target=trainer.fit, args=(task,))
+    worker.start()
+    assert reached.wait(10)
+    trainer.stop()  # from this (main) thread while step 15 runs in the worker
+    release.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert task.steps == 15  # no step started after the flag
+    assert trainer.result.stopped_by_user and trainer.result.epochs_run == 2
+
+
+def test_checkpoint_is_atomic_with_config_and_versions(tmp_path):
+    path = tmp_path / "ckpt" / "model.pt"
+    task = RegressionTask()
+    cfg = TrainConfig(epochs=2, lr=0.01, seed=5, device="cpu")
+    result = Trainer(cfg, checkpoint_path=path).fit(task)
+    assert result.checkpoint == str(path)
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
+    payload = load_checkpoint(path.parent)
+    assert payload["config"]["seed"] == 5 and payload["config"]["epochs"] == 2
+    assert payload["versions"]["torch"] and "numpy" in payload["versions"]
+    assert payload["extra"] == {"note": "toy"}
+    assert len(payload["history"]) == 2
+    fresh = torch.nn.Linear(8, 1)
+    fresh.load_state_dict(payload["state_dict"])
+    assert torch.equal(fresh.weight, task.model.weight.detach().cpu())
+
+
+def test_non_finite_loss_is_a_clear_error():
+    task = RegressionTask()
+    task.y[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        Trainer(TrainConfig(epochs=1, device="cpu")).fit(task)
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path)
+    torch.save({"x": 1}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not a napari-spatialssl checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")
