@@ -83,14 +83,15 @@ def knn_probe(emb: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.n
 
 def mlp_probe(emb: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
               hidden: int = 64, seed: int = 0, max_iter: int = 300) -> dict:
-    """One-hidden-layer MLP (sklearn, Adam, early stopping on 10% of the training cells)."""
+    """One-hidden-layer MLP (sklearn, Adam; with 500 or more training cells, early stopping on 10%
+    of them, else a fixed `max_iter` epochs)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     X = _standardise(emb, train)
-    early = len(train) >= 50
+    early = len(train) >= 500
     clf = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=max_iter, random_state=seed,
                         early_stopping=early, validation_fraction=0.1, n_iter_no_change=10)
     with warnings.catch_warnings():

@@ -16,6 +16,11 @@ front of the sequence and padded, with a key padding mask) plus a class token th
 visible (so no sequence is ever fully padded); the light decoder sees every token: the encoded
 visible ones, a learned mask token where a token was masked and a learned empty token where a
 token holds no cell, each with a fixed 2-D sin-cos position embedding.
+
+Residual readout (``residual=True``). Each channel's prediction is the mean of that channel over
+the patch's visible occupied bins plus the decoder's output: the decoder learns how masked bins
+deviate from their context rather than the context's level itself (the analogue of MAE's
+per-patch target normalisation, computed from visible bins only, so nothing masked leaks in).
 """
 
 from __future__ import annotations
@@ -96,8 +101,10 @@ class PatchMaskedAutoencoder(nn.Module):
 
     def __init__(self, n_genes: int, patch_size: tuple[int, int] = (16, 16), token_bins: int = 1,
                  dim: int = 64, depth: int = 2, heads: int = 4, decoder_dim: int = 64,
-                 decoder_depth: int = 1, decoder_heads: int = 4, mlp_ratio: float = 4.0):
+                 decoder_depth: int = 1, decoder_heads: int = 4, mlp_ratio: float = 4.0,
+                 residual: bool = True):
         super().__init__()
+        self.residual = bool(residual)
         h, w = int(patch_size[0]), int(patch_size[1])
         p = int(token_bins)
         if p < 1 or h % p or w % p:
@@ -173,14 +180,22 @@ class PatchMaskedAutoencoder(nn.Module):
         return x, order, pad
 
     # -- decoder ----------------------------------------------------------------------------
+    def visible_mean(self, values: torch.Tensor, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """(B, m) mean of each channel over the occupied bins of the visible tokens (0 if none)."""
+        p = self.p
+        vis_bins = self.from_tokens(visible[:, :, None].expand(-1, -1, p * p)) & occupancy  # (B, h, w)
+        w = vis_bins.to(values.dtype)[..., None]
+        return (values * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)
+
     def decode(self, states: torch.Tensor, order: torch.Tensor, pad: torch.Tensor, token_occ: torch.Tensor,
-               genes: torch.Tensor) -> torch.Tensor:
-        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens."""
+               genes: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens;
+        `base` (B, m), the channels' visible mean, is added when the model is residual."""
         B = states.shape[0]
         enc = self.enc_to_dec(states)  # (B, 1 + L, dd)
         dd = self.decoder_dim
-        base = torch.where(token_occ[..., None], self.mask_token.to(enc.dtype), self.empty_token.to(enc.dtype))
-        tokens = base.expand(B, self.n_tokens, dd).clone()
+        fill = torch.where(token_occ[..., None], self.mask_token.to(enc.dtype), self.empty_token.to(enc.dtype))
+        tokens = fill.expand(B, self.n_tokens, dd).clone()
         vis_tok = enc[:, 1:]
         b_idx = torch.arange(B, device=enc.device)[:, None].expand_as(order)
         keep = ~pad
@@ -190,6 +205,8 @@ class PatchMaskedAutoencoder(nn.Module):
         x = _run(self.decoder, x, None)[:, 1:]  # (B, T, dd)
         x = self.unmerge(x).reshape(B, self.n_tokens * self.p * self.p, dd)
         pred = self.readout(x, genes)  # (B, T * pp, m)
+        if self.residual and base is not None:
+            pred = pred + base[:, None, :].to(pred.dtype)
         return self.from_tokens(pred.reshape(B, self.n_tokens, self.p * self.p, -1))
 
     def forward(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor,
@@ -198,7 +215,8 @@ class PatchMaskedAutoencoder(nn.Module):
         token_occ = self.token_occupancy(occupancy)
         visible = token_occ & ~masked
         states, order, pad = self.encode(values, occupancy, genes, visible)
-        return self.decode(states, order, pad, token_occ, genes)
+        base = self.visible_mean(values, occupancy, visible) if self.residual else None
+        return self.decode(states, order, pad, token_occ, genes, base)
 
     @torch.no_grad()
     def token_embeddings(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
