@@ -31,7 +31,7 @@ ATLAS_N_CELLS = 4_300_000
 ATLAS_N_GENES = 550
 ATLAS_N_SECTIONS = 59
 DEFAULT_DENSITY = 3000.0  # cells per mm^2
-_CHUNK = 16384  # rows per expression chunk (also the unit of the chunk seeds)
+_CHUNK = 4096  # rows per expression chunk (also the unit of the chunk seeds)
 
 
 def _section_sizes(n_cells: int, n_sections: int, density: float, seed: int):
