@@ -195,6 +195,9 @@ def atomic_write(path: str | os.PathLike, write: "Callable[[Path], None]", *, ov
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the result the usual permissions
     tmp_path = Path(tmp)
     try:
         write(tmp_path)

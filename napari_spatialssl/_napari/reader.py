@@ -1,0 +1,47 @@
+"""npe2 reader contribution: an `.h5ad` slide becomes a Points layer (see :mod:`.layers`).
+
+`get_reader` claims only `.h5ad` paths. The reader function validates the file with the core's
+:func:`read_h5ad` / :func:`get_coordinates`; a bad file raises :class:`SpatialDataError` whose message says
+what is wrong and how to fix it. napari shows that message (notification / reader dialog) and keeps the
+viewer and its layers as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..data.io import H5AD_SUFFIXES, SpatialDataError, read_h5ad
+from .layers import DEFAULT_MAX_POINTS, LayerData, adata_to_points
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """Return :func:`read_slides` when every path is an `.h5ad` file, else None (not ours)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(str(p).lower().endswith(H5AD_SUFFIXES) for p in paths):
+        return None
+    return read_slides
+
+
+def read_slides(path: str | list[str]) -> list[LayerData]:
+    """Read one or several `.h5ad` files; one Points layer per file, named after the file."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [read_slide(p) for p in paths]
+
+
+def read_slide(path: str | os.PathLike, *, section_key: str | None = "auto", color_by: str | None = "auto",
+               spatial_key: str = "spatial", coord_columns=None, max_points: int = DEFAULT_MAX_POINTS,
+               name: str | None = None) -> LayerData:
+    """Points layer data for one slide file. Raises :class:`SpatialDataError` with a clear message."""
+    p = Path(path)
+    adata = read_h5ad(p)
+    try:
+        return adata_to_points(adata, name=name or p.stem, spatial_key=spatial_key, coord_columns=coord_columns,
+                               section_key=section_key, color_by=color_by, max_points=max_points)
+    except SpatialDataError as exc:
+        msg = str(exc)
+        # Name the file, not the in-memory object, in messages napari shows to the user.
+        if not msg.startswith(str(p)):
+            msg = f"{p}: {msg}"
+        raise SpatialDataError(msg) from None
