@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
@@ -65,4 +67,148 @@ def domain_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
         "nmi": float(normalized_mutual_info_score(truth[keep], pred[keep])),
         "accuracy": hungarian_accuracy(pred[keep], truth[keep]),
         "n_cells": int(keep.sum()),
+    }
+
+
+# -- graph clustering (Leiden) with a resolution search ------------------------------------------
+
+def _knn_connectivities(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0) -> sp.csr_matrix:
+    """Symmetric k-nearest-neighbour graph of the embeddings (Euclidean), unit weights.
+
+    sklearn's exact search (no numba compilation, deterministic); union-symmetrised.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(embeddings, np.float32)
+    k = min(n_neighbors, max(len(X) - 1, 1))
+    nb = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X, return_distance=False)[:, 1:]
+    rows = np.repeat(np.arange(len(X)), k)
+    A = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, nb.ravel())), shape=(len(X), len(X)))
+    return A.maximum(A.T).tocsr()
+
+
+def leiden_labels(connectivities: sp.spmatrix, resolution: float, seed: int = 0) -> np.ndarray:
+    """Leiden communities (labels 0..m-1) of a weighted graph at one resolution (igraph backend)."""
+    import igraph as ig
+
+    A = sp.triu(sp.csr_matrix(connectivities), k=1).tocoo()
+    g = ig.Graph(n=connectivities.shape[0], edges=np.column_stack([A.row, A.col]).tolist(),
+                 edge_attrs={"weight": A.data.astype(float)}, directed=False)
+    import random
+
+    random.seed(seed)  # igraph's community_leiden draws from Python's RNG
+    ig.set_random_number_generator(random)
+    part = g.community_leiden(objective_function="modularity", weights="weight",
+                              resolution=float(resolution), n_iterations=-1)
+    labels = np.asarray(part.membership, dtype=np.int64)
+    # Number communities by size (largest first) so that labels are stable to read.
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rank = np.empty_like(counts)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+    return rank[inv]
+
+
+def _silhouette(embeddings: np.ndarray, labels: np.ndarray, seed: int, max_cells: int = 10_000) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2:
+        return -1.0
+    n = len(labels)
+    idx = np.random.default_rng(seed).choice(n, size=min(n, max_cells), replace=False)
+    if len(np.unique(labels[idx])) < 2:
+        return -1.0
+    return float(silhouette_score(embeddings[idx], labels[idx]))
+
+
+def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, *, n_neighbors: int = 15,
+                         resolutions: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0),
+                         max_clusters: int = 30, seed: int = 0, max_steps: int = 20) -> tuple[np.ndarray, dict]:
+    """Leiden clustering of the embeddings' k-NN graph with a search over the resolution.
+
+    With `n_clusters` given: bisection on the resolution (0.01 .. 5) until Leiden finds exactly
+    that many clusters (else the closest found). Without it: every resolution in `resolutions` is
+    tried and the partition with the best silhouette (on up to 10k cells) among those with 2 ..
+    `max_clusters` clusters is kept. Returns (labels, info) with info = {resolution, n_clusters,
+    criterion, tried: [(resolution, n_clusters, score)]}.
+    """
+    X = np.asarray(embeddings, np.float32)
+    conn = _knn_connectivities(X, n_neighbors, seed)
+    tried = []
+    if n_clusters is not None:
+        lo, hi = 0.01, 5.0
+        best = None
+        for _ in range(max_steps):
+            mid = float(np.sqrt(lo * hi))  # geometric bisection: resolution acts multiplicatively
+            lab = leiden_labels(conn, mid, seed)
+            m = int(lab.max()) + 1
+            tried.append((mid, m, None))
+            if best is None or abs(m - n_clusters) < abs(best[1] - n_clusters):
+                best = (mid, m, lab)
+            if m == n_clusters:
+                break
+            lo, hi = (mid, hi) if m < n_clusters else (lo, mid)
+        res, m, lab = best
+        return lab, {"method": "leiden", "resolution": res, "n_clusters": m, "criterion": "target_k",
+                     "tried": tried}
+    best = None
+    for r in resolutions:
+        lab = leiden_labels(conn, r, seed)
+        m = int(lab.max()) + 1
+        score = _silhouette(X, lab, seed) if 2 <= m <= max_clusters else -np.inf
+        tried.append((float(r), m, float(score)))
+        if best is None or score > best[2]:
+            best = (float(r), m, score, lab)
+    res, m, score, lab = best
+    return lab, {"method": "leiden", "resolution": res, "n_clusters": m, "criterion": "silhouette",
+                 "silhouette": score, "tried": tried}
+
+
+# -- integration of several slices ----------------------------------------------------------------
+
+def batch_mixing_scores(embeddings: np.ndarray, batch: np.ndarray, labels: np.ndarray | None = None, *,
+                        n_neighbors: int = 30, max_cells: int = 20_000, seed: int = 0) -> dict:
+    """How well slices (batches) mix in the embedding; higher is better mixing for both scores.
+
+    - ``batch_asw``: 1 - |silhouette on batch labels| per cell, averaged (scIB's batch ASW; when
+      reference `labels` (>= 0) are given, computed within each label and averaged over labels, so
+      that real biological differences between domains are not counted as poor mixing). 1 = fully
+      mixed, 0 = batches separated.
+    - ``batch_entropy``: Shannon entropy of the batch labels among each cell's `n_neighbors`
+      nearest neighbours, divided by the entropy of the global batch proportions (1 = neighbourhoods
+      as mixed as the whole data, 0 = every neighbourhood from one batch). kNN on up to
+      `max_cells` random cells.
+    """
+    from sklearn.metrics import silhouette_samples
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(embeddings, np.float32)
+    batch = np.asarray(batch)
+    _, b = np.unique(batch, return_inverse=True)
+    n_b = int(b.max()) + 1
+    if n_b < 2:
+        return {"batch_asw": None, "batch_entropy": None, "n_batches": n_b}
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(X), size=min(len(X), max_cells), replace=False)
+    Xs, bs = X[idx], b[idx]
+    ls = np.asarray(labels)[idx] if labels is not None else np.zeros(len(idx), np.int64)
+    asw_groups = []
+    for lab in np.unique(ls[ls >= 0]):
+        sel = ls == lab
+        if len(np.unique(bs[sel])) < 2 or sel.sum() < 3:
+            continue
+        s = silhouette_samples(Xs[sel], bs[sel])
+        asw_groups.append(float(np.mean(1.0 - np.abs(s))))
+    kk = min(n_neighbors + 1, len(Xs))
+    nb = NearestNeighbors(n_neighbors=kk).fit(Xs).kneighbors(Xs, return_distance=False)[:, 1:]
+    counts = np.zeros((len(Xs), n_b))
+    np.add.at(counts, (np.repeat(np.arange(len(Xs)), nb.shape[1]), bs[nb].ravel()), 1.0)
+    p = counts / counts.sum(1, keepdims=True)
+    ent = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(1)
+    glob = np.bincount(bs, minlength=n_b) / len(bs)
+    h_glob = float(-(glob[glob > 0] * np.log(glob[glob > 0])).sum())
+    return {
+        "batch_asw": float(np.mean(asw_groups)) if asw_groups else None,
+        "batch_entropy": float(ent.mean() / h_glob) if h_glob > 0 else None,
+        "n_batches": n_b,
+        "n_cells_scored": int(len(idx)),
     }

@@ -1,0 +1,584 @@
+"""Spotscape (Oh et al., ICML 2025): global-context representation learning for spatial domains.
+
+Re-implemented from the paper's description on the shared Trainer and SNN graph:
+
+- input: per-cell normalise-total + log1p on highly variable genes (5,000 by default, seurat_v3 on
+  counts; with several slices the genes are chosen batch-aware, one HVG ranking per slice merged
+  by scanpy's ``batch_key``); the spatial nearest-neighbour (SNN) graph of each slice (k nearest,
+  then a radius cutoff; never an edge between slices);
+- two augmented views per step (edge dropout, gene-channel masking), one GCN encoder shared by
+  both (256 -> 64 with batch norm) and an MLP decoder;
+- losses: reconstruction of the un-augmented expression from each view + the similarity
+  telescope mean((S - S^T)^2) over all spot pairs (computed exactly without the N x N matrix, see
+  :mod:`.losses`); with several slices also similarity-scale matching and, from
+  ``proto_start_epoch`` on, prototypical contrast against k-means centroids at several
+  granularities (k-means runs on the training device);
+- domains: k-means with K given (the published protocol), else Leiden with a resolution search
+  (or a GMM chosen by BIC); optional smoothing over the SNN graph, reported separately.
+
+One training step = one full-batch pass over every spot of every slice (the telescope and
+scale losses are global). Memory is linear in N: ~(2 views x (hidden + genes)) floats per spot.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from ..config import DataConfig, EvalConfig, TrainConfig
+from ..data.dataset import PreprocessConfig, SpatialDataset
+from ..data.io import SpatialDataError
+from ..graphs.neighbors import CellGraph, snn_graph
+from .base import MethodResults, SSLMethod, register
+from .losses import (
+    prototype_contrast_loss,
+    prototype_counts,
+    similarity_scale_loss,
+    similarity_telescope_loss,
+    torch_kmeans,
+)
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+DOMAIN_METHODS = ("auto", "kmeans", "leiden", "gmm")
+
+
+def _spotscape_preprocess() -> PreprocessConfig:
+    return PreprocessConfig(n_top_genes=5000, hvg_flavor="seurat_v3")
+
+
+@dataclass
+class SpotscapeConfig(TrainConfig):
+    """Spotscape settings. Distances (radius) are in the coordinates' units.
+
+    Graph: ``k_neighbors`` nearest spots of the same slice, cut at ``radius``; ``radius=None``
+    means ``radius_factor`` x the median nearest-neighbour distance (per slice, then the median
+    over slices): 1.5 keeps the 6 hexagonal neighbours of a Visium spot (next ring at 1.73x),
+    whatever the unit (DLPFC ``obsm['spatial']`` array units or full-resolution pixels, where it
+    gives ~150 px as in the paper).
+    """
+
+    epochs: int = 400
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    data: DataConfig = field(default_factory=lambda: DataConfig(preprocess=_spotscape_preprocess()))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # graph
+    k_neighbors: int = 50
+    radius: float | None = None
+    radius_factor: float = 1.5
+    # model
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 64])
+    batch_norm: bool = True
+    # augmentations (per view)
+    edge_drop: float = 0.2
+    feature_mask: float = 0.2
+    # loss weights
+    lambda_recon: float = 0.1
+    # Spots whose reconstruction is scored per view and step (a fresh random draw each time: an
+    # unbiased estimate of the all-spot MSE; the decoder is ~90% of a step's cost at 5,000 genes).
+    # None = every spot.
+    recon_spots: int | None = 1024
+    lambda_telescope: float = 1.0
+    lambda_scale: float = 1.0  # several slices only
+    lambda_proto: float = 0.01  # several slices only
+    scale_top_k: int = 5
+    scale_block_size: int = 4096
+    # Anchor spots per step for the scale matching (random draw; each is compared with every spot
+    # of every slice). Exact over all spots costs N^2 d per step; anchors make it anchors x N x d.
+    # None = every spot.
+    scale_anchor_spots: int | None = 2048
+    proto_start_epoch: int | None = None  # None = half of the epochs (paper: 500 of 1000)
+    proto_granularity: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
+    proto_k: int | None = None  # None = eval.n_domains, else 10
+    proto_tau: float = 0.75
+    kmeans_iters: int = 20
+    # domains
+    domain_method: str = "auto"  # auto (kmeans when K known, else leiden) | kmeans | leiden | gmm
+    smooth_domains: bool = True  # also report labels smoothed over the SNN graph (separately)
+    eval_masked_genes: float = 0.2  # fraction of genes hidden for the masked-reconstruction figure
+
+
+class _SpMM(torch.autograd.Function):
+    """sparse @ dense with a precomputed transpose for the backward pass (no CSR transpose per step;
+    the normalised adjacency is symmetric, so it is its own transpose)."""
+
+    @staticmethod
+    def forward(ctx, a, a_t, dense):
+        ctx.a_t = a_t
+        return torch.sparse.mm(a, dense)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, torch.sparse.mm(ctx.a_t, grad.contiguous())
+
+
+@dataclass
+class SparseInput:
+    """Expression as CSR plus its transpose (CSR of X^T), both on the device."""
+
+    csr: torch.Tensor
+    csr_t: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.csr.shape
+
+    def matmul(self, w: torch.Tensor) -> torch.Tensor:
+        return _SpMM.apply(self.csr, self.csr_t, w)
+
+
+class GCNLayer(nn.Module):
+    """x' = D^-1/2 (A + I) D^-1/2 x W (Kipf & Welling), propagation as a sparse CSR product."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x, adj: "NormAdj", input_mask: torch.Tensor | None = None):
+        w = self.lin.weight.T  # (d_in, d_out)
+        if input_mask is not None:  # masking input channels == zeroing rows of W (works for sparse x)
+            w = w * input_mask[:, None]
+        h = x.matmul(w) if isinstance(x, SparseInput) else x @ w
+        return adj.propagate(h) + self.lin.bias
+
+
+@dataclass
+class NormAdj:
+    """Symmetric-normalised adjacency with self loops, kept as CSR (A part) + diagonal (self part)."""
+
+    csr: torch.Tensor
+    self_weight: torch.Tensor  # (N,) = 1 / (deg + 1)
+
+    def propagate(self, h: torch.Tensor) -> torch.Tensor:
+        out = _SpMM.apply(self.csr, self.csr, h) if self.csr._nnz() else torch.zeros_like(h)
+        return out + h * self.self_weight[:, None].to(h.dtype)
+
+
+class SpotscapeModel(nn.Module):
+    """GCN encoder (d_in -> hidden_dims..., batch norm + PReLU between layers) and MLP decoder."""
+
+    def __init__(self, n_genes: int, hidden_dims: list[int], batch_norm: bool = True):
+        super().__init__()
+        dims = [n_genes, *[int(d) for d in hidden_dims]]
+        self.convs = nn.ModuleList(GCNLayer(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) if batch_norm else nn.Identity() for b in dims[1:])
+        self.acts = nn.ModuleList(nn.PReLU() for _ in dims[2:])
+        rev = dims[::-1]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(rev) - 2:
+                layers.append(nn.ReLU())
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x, adj: NormAdj, input_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = conv(h, adj, input_mask if i == 0 else None)
+            h = norm(h)
+            if i < len(self.acts):
+                h = self.acts[i](h)
+        return h
+
+    def forward(self, x, adj: NormAdj, input_mask: torch.Tensor | None = None,
+                decode_rows: torch.Tensor | None = None):
+        """(embeddings of all spots, reconstruction of `decode_rows` (default: all spots))."""
+        z = self.encode(x, adj, input_mask)
+        return z, self.decoder(z if decode_rows is None else z[decode_rows])
+
+
+class GraphTensors:
+    """The SNN graph on a device, with undirected-edge ids so that dropout removes both directions."""
+
+    def __init__(self, graph: CellGraph, device: torch.device):
+        n = graph.n_nodes
+        row = np.repeat(np.arange(n, dtype=np.int64), graph.degrees())
+        col = graph.indices.astype(np.int64)
+        # undirected id of each directed edge: position of (min, max) among the unique pairs
+        lo, hi = np.minimum(row, col), np.maximum(row, col)
+        key = lo * n + hi
+        _, uid = np.unique(key, return_inverse=True)
+        self.n = n
+        self.n_undirected = int(uid.max()) + 1 if uid.size else 0
+        self.row = torch.from_numpy(row).to(device)
+        self.col = torch.from_numpy(col).to(device)
+        self.uid = torch.from_numpy(uid.astype(np.int64)).to(device)
+        self.device = device
+
+    def normalised(self, keep_prob: float = 1.0, generator: torch.Generator | None = None) -> NormAdj:
+        """Normalised adjacency; with keep_prob < 1 each undirected edge is kept with that probability."""
+        if keep_prob < 1.0 and self.n_undirected:
+            keep_u = torch.rand(self.n_undirected, device=self.device, generator=generator) < keep_prob
+            keep = keep_u[self.uid]
+            row, col = self.row[keep], self.col[keep]
+        else:
+            row, col = self.row, self.col
+        deg = torch.bincount(row, minlength=self.n).float() + 1.0  # + self loop
+        dinv = deg.rsqrt()
+        val = dinv[row] * dinv[col]
+        crow = torch.zeros(self.n + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = torch.cumsum(torch.bincount(row, minlength=self.n), 0)
+        csr = torch.sparse_csr_tensor(crow, col, val, size=(self.n, self.n), check_invariants=False)
+        return NormAdj(csr, 1.0 / deg)
+
+
+def _to_device_matrix(X, device: torch.device):
+    """Expression to a torch tensor: CSR sparse stays sparse (float32), dense stays dense."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32)
+        return SparseInput(_torch_csr(X, device), _torch_csr(sp.csr_matrix(X.T), device))
+    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+
+
+def _torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    return torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
+                                   torch.from_numpy(X.indices.astype(np.int64)),
+                                   torch.from_numpy(np.ascontiguousarray(X.data, dtype=np.float32)),
+                                   size=X.shape, check_invariants=False).to(device)
+
+
+class SparseTarget:
+    """Mean squared error of a dense prediction against rows of the expression, densifying only
+    the rows asked for (the whole matrix stays sparse on the device)."""
+
+    def __init__(self, X, device: torch.device):
+        self.shape = X.shape
+        if sp.issparse(X):
+            X = sp.csr_matrix(X, dtype=np.float32)
+            self.indptr = torch.from_numpy(X.indptr.astype(np.int64)).to(device)
+            self.indices = torch.from_numpy(X.indices.astype(np.int64)).to(device)
+            self.values = torch.from_numpy(X.data).to(device)
+            self.dense = None
+        else:
+            self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+
+    def rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense if rows is None else self.dense[rows]
+        if rows is None:
+            rows = torch.arange(self.shape[0], device=self.indptr.device)
+        start, length = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        local = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), length)
+        offset = torch.arange(int(length.sum()), device=rows.device) - torch.repeat_interleave(
+            torch.cumsum(length, 0) - length, length)
+        pos = torch.repeat_interleave(start, length) + offset
+        out = torch.zeros(len(rows), self.shape[1], device=rows.device, dtype=self.values.dtype)
+        out[local, self.indices[pos]] = self.values[pos]
+        return out
+
+    def mse(self, pred: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of `pred` (len(rows) x genes, or all spots when rows is None) against the expression."""
+        return F.mse_loss(pred, self.rows(rows))
+
+
+def default_radius(coords: np.ndarray, section: np.ndarray, factor: float) -> tuple[float, float]:
+    """(radius, median nearest-neighbour distance): factor x the median over slices of each slice's
+    median nearest-neighbour distance (coordinates' units)."""
+    meds = []
+    for s in np.unique(section):
+        pts = coords[section == s]
+        if len(pts) < 2:
+            continue
+        d, _ = cKDTree(pts).query(pts, k=2)
+        pos = d[:, 1][d[:, 1] > 0]
+        if pos.size:
+            meds.append(float(np.median(pos)))
+    if not meds:
+        raise SpatialDataError("spotscape: cannot derive a graph radius (every slice has < 2 distinct spots); "
+                               "set radius explicitly (--set radius=...).")
+    med = float(np.median(meds))
+    return factor * med, med
+
+
+@register
+class Spotscape(SSLMethod):
+    """Spotscape: SNN graph, two augmented views, reconstruction + similarity telescope (+ multi-slice)."""
+
+    name = "spotscape"
+    config_class = SpotscapeConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.genes: list[str] = []
+        self.graph: CellGraph | None = None
+        self.graph_info: dict = {}
+        self.domain_centroids: np.ndarray | None = None
+        self._dev_cache: dict = {}
+
+    # -- setup ------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        c = self.config
+        try:  # CLI --set gives lists of strings
+            c.hidden_dims = [int(v) for v in c.hidden_dims]
+            c.proto_granularity = [float(v) for v in c.proto_granularity]
+        except (TypeError, ValueError) as exc:
+            raise SpatialDataError(f"spotscape: hidden_dims / proto_granularity must be numbers ({exc}); "
+                                   "e.g. --set hidden_dims=256,64.") from exc
+        if not (0.0 <= c.edge_drop < 1.0 and 0.0 <= c.feature_mask < 1.0):
+            raise SpatialDataError(f"spotscape: edge_drop ({c.edge_drop}) and feature_mask ({c.feature_mask}) "
+                                   "must be in [0, 1).")
+        if len(c.hidden_dims) < 1:
+            raise SpatialDataError("spotscape: hidden_dims needs at least one layer size, e.g. [256, 64].")
+        if c.domain_method not in DOMAIN_METHODS:
+            raise SpatialDataError(f"spotscape: domain_method {c.domain_method!r}; choose one of {DOMAIN_METHODS}.")
+        if c.eval.n_domains is not None and c.eval.n_domains < 2:
+            raise SpatialDataError(f"spotscape: n_domains must be >= 2, got {c.eval.n_domains}.")
+
+    def build_graph(self, data: SpatialDataset) -> CellGraph:
+        """The SNN graph of `data` (per slice), radius from the config or derived from spacing."""
+        c = self.config
+        if c.radius is not None:
+            radius, med = float(c.radius), None
+        else:
+            radius, med = default_radius(data.coords, data.section, c.radius_factor)
+        g = snn_graph(data.coords, k=c.k_neighbors, radius=radius, section=data.section)
+        self.graph_info = {**g.summary(), "radius": radius, "median_nn_distance": med,
+                           "radius_source": "config" if c.radius is not None else f"{c.radius_factor} x median nn"}
+        return g
+
+    def prepare(self, data: SpatialDataset) -> None:
+        self._check_config()
+        if data.n_cells < 4:
+            raise SpatialDataError(f"spotscape: needs at least 4 spots, got {data.n_cells}.")
+        self.data = data
+        self.genes = [str(g) for g in data.gene_names]
+        self.graph = self.build_graph(data)
+        self.model = self.build_model()
+        self._dev_cache = {}
+        self._prototypes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def build_model(self) -> nn.Module:
+        n_genes = len(self.genes) if self.genes else (self.data.n_genes if self.data is not None else 0)
+        if n_genes < 1:
+            raise SpatialDataError("spotscape: the model's gene list is empty; cannot build the model.")
+        return SpotscapeModel(n_genes, list(self.config.hidden_dims), self.config.batch_norm)
+
+    def _device_tensors(self, device: torch.device, data: SpatialDataset | None = None,
+                        graph: CellGraph | None = None) -> dict:
+        data = data if data is not None else self.data
+        graph = graph if graph is not None else self.graph
+        key = (str(device), id(data), id(graph))
+        if self._dev_cache.get("key") != key:
+            self._dev_cache = {
+                "key": key,
+                "x": _to_device_matrix(data.X, device),
+                "target": SparseTarget(data.X, device),
+                "graph": GraphTensors(graph, device),
+                "section": torch.from_numpy(data.section.astype(np.int64)).to(device),
+            }
+        return self._dev_cache
+
+    # -- training ---------------------------------------------------------------------------
+    @property
+    def n_slices(self) -> int:
+        return int(len(np.unique(self.data.section))) if self.data is not None else 1
+
+    def _proto_start(self) -> int:
+        c = self.config
+        return c.proto_start_epoch if c.proto_start_epoch is not None else max(1, c.epochs // 2)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator):
+        # Full batch: the telescope and the scale matching are global over all spots.
+        return [{"epoch": epoch, "seed": int(rng.integers(2**62))}]
+
+    def on_epoch_start(self, epoch: int, device: torch.device) -> None:
+        self._prototypes_due = (self.n_slices >= 2 and self.config.lambda_proto > 0
+                                and epoch >= self._proto_start())
+
+    def training_loss(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        c = self.config
+        t = self._device_tensors(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(batch["seed"])
+        n_genes = t["x"].shape[1]
+        n = t["graph"].n
+        z, l_rec = [], 0.0
+        for _ in range(2):
+            adj = t["graph"].normalised(1.0 - c.edge_drop, gen)
+            mask = (torch.rand(n_genes, device=device, generator=gen) >= c.feature_mask).float()
+            rows = None
+            if c.recon_spots is not None and c.recon_spots < n:
+                rows = torch.randperm(n, device=device, generator=gen)[:c.recon_spots]
+            zi, ri = self.model(t["x"], adj, mask, rows)
+            z.append(zi)
+            l_rec = l_rec + 0.5 * t["target"].mse(ri.float(), rows)
+        losses: dict[str, torch.Tensor] = {}
+        l_tel = similarity_telescope_loss(z[0].float(), z[1].float())
+        loss = c.lambda_recon * l_rec + c.lambda_telescope * l_tel
+        losses["recon"], losses["telescope"] = l_rec.detach(), l_tel.detach()
+        if self.n_slices >= 2 and c.lambda_scale > 0:
+            anchors = None
+            if c.scale_anchor_spots is not None and c.scale_anchor_spots < n:
+                anchors = torch.randperm(n, device=device, generator=gen)[:c.scale_anchor_spots]
+            l_ss = similarity_scale_loss(z[0].float(), z[1].float(), t["section"], k=c.scale_top_k,
+                                         block_size=c.scale_block_size, anchors=anchors)
+            loss = loss + c.lambda_scale * l_ss
+            losses["scale"] = l_ss.detach()
+        if getattr(self, "_prototypes_due", False):
+            l_pc = self._prototype_loss(z[0].float(), z[1].detach().float(), gen)
+            loss = loss + c.lambda_proto * l_pc
+            losses["proto"] = l_pc.detach()
+        losses["loss"] = loss
+        return losses
+
+    def _prototype_loss(self, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Contrast view-1 spots against k-means centroids of view 2, at each granularity."""
+        c = self.config
+        base = c.proto_k or c.eval.n_domains or 10
+        total = z1.new_zeros(())
+        counts = [m for m in prototype_counts(base, c.proto_granularity) if m < z2.shape[0]]
+        for m in counts:
+            cent, lab = torch_kmeans(z2, m, c.kmeans_iters, generator=gen)
+            total = total + prototype_contrast_loss(z1, cent, lab, c.proto_tau)
+        return total / max(len(counts), 1)
+
+    # -- embeddings and results -------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, data: SpatialDataset, device: torch.device, graph: CellGraph | None = None,
+              input_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (N, d), reconstruction (N, n_genes)) on the un-augmented graph, eval mode."""
+        graph = graph if graph is not None else (self.graph if data is self.data else self.build_graph(data))
+        self.model.to(device).eval()
+        x = _to_device_matrix(data.X, device)
+        adj = GraphTensors(graph, device).normalised()
+        mask = torch.from_numpy(input_mask.astype(np.float32)).to(device) if input_mask is not None else None
+        z, r = self.model(x, adj, mask)
+        return z.float().cpu().numpy(), r.float().cpu().numpy()
+
+    def _n_domains(self, data: SpatialDataset) -> int | None:
+        return self.config.eval.n_domains
+
+    def cluster(self, emb: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Domain labels of the embeddings and how they were found."""
+        from ..evaluation.clustering import gmm_bic, graph_cluster_search, kmeans
+
+        c = self.config
+        k = c.eval.n_domains
+        method = c.domain_method
+        if method == "auto":
+            method = "kmeans" if k is not None else "leiden"
+        if method == "kmeans":
+            if k is None:
+                raise SpatialDataError("spotscape: domain_method 'kmeans' needs n_domains (--n-domains K).")
+            return kmeans(emb, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k)}
+        if method == "gmm":
+            rng = range(2, 16) if k is None else [k]
+            labels, chosen = gmm_bic(emb, rng, seed=c.seed)
+            return labels, {"method": "gmm_bic", "n_clusters": chosen}
+        labels, info = graph_cluster_search(emb, k, seed=c.seed)
+        return labels, info
+
+    def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray,
+                 labels: np.ndarray, info: dict) -> tuple[MethodResults, dict]:
+        import pandas as pd
+
+        from ..evaluation.clustering import smooth_labels
+
+        res = MethodResults()
+        res.obsm["X_spotscape"] = emb.astype(np.float32)
+        res.layers["spotscape_reconstruction"] = recon.astype(np.float32)
+        names = [f"D{i}" for i in range(int(labels.max()) + 1)]
+        res.obs["spotscape_domain"] = pd.Categorical.from_codes(labels, categories=names)
+        domains: dict = {"clustering": info, "n_domains": int(labels.max()) + 1}
+        smoothed = None
+        if self.config.smooth_domains and graph.n_edges:
+            smoothed = smooth_labels(labels, graph.to_scipy())
+            res.obs["spotscape_domain_smoothed"] = pd.Categorical.from_codes(smoothed, categories=names)
+        if data.domains is not None:
+            domains.update(_domain_metrics(labels, data))
+            if smoothed is not None:
+                domains["smoothed"] = _domain_metrics(smoothed, data)
+            domains["reference_key"] = data.domain_key
+        return res, domains
+
+    def evaluate(self, data: SpatialDataset, device: torch.device,
+                 make_trainer: Callable[[TrainConfig], Any]) -> MethodResults:
+        t0 = time.perf_counter()
+        graph = self.graph if data is self.data else self.build_graph(data)
+        emb, recon = self.embed(data, device, graph)
+        labels, info = self.cluster(emb)
+        res, domains = self._results(data, graph, emb, recon, labels, info)
+        self.domain_centroids = np.stack([emb[labels == i].mean(0) for i in range(int(labels.max()) + 1)])
+        metrics: dict = {"graph": self.graph_info, "domains": domains}
+        if data.n_sections > 1:
+            from ..evaluation.clustering import batch_mixing_scores
+
+            metrics["integration"] = batch_mixing_scores(emb, data.section, data.domains, seed=self.config.seed)
+        if self.config.eval_masked_genes > 0:
+            metrics["reconstruction"] = self._masked_reconstruction(data, graph, device)
+        metrics["evaluate_seconds"] = time.perf_counter() - t0
+        res.metrics = metrics
+        return res
+
+    def _masked_reconstruction(self, data: SpatialDataset, graph: CellGraph, device: torch.device) -> dict:
+        """Hide a random `eval_masked_genes` fraction of the genes from the input (the same
+        channel masking as in training) and score their reconstruction against the per-gene mean."""
+        rng = np.random.default_rng(self.config.seed + 7)
+        g = data.n_genes
+        hidden = rng.random(g) < self.config.eval_masked_genes
+        if not hidden.any():
+            hidden[rng.integers(g)] = True
+        _, recon = self.embed(data, device, graph, input_mask=(~hidden).astype(np.float32))
+        cols = np.flatnonzero(hidden)
+        truth = data.X[:, cols]
+        truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
+        pred = recon[:, cols]
+        mse = float(np.mean((pred - truth) ** 2))
+        base = float(np.mean((truth - truth.mean(0, keepdims=True)) ** 2))
+        return {"masked_mse": mse, "gene_mean_mse": base, "masked_fraction": float(hidden.mean()),
+                "n_masked_genes": int(hidden.sum())}
+
+    def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
+        graph = self.build_graph(data)
+        emb, recon = self.embed(data, device, graph)
+        if self.domain_centroids is not None:
+            # The training slide's domains: nearest domain centroid, so labels match across slides.
+            c = np.asarray(self.domain_centroids, np.float32)
+            d = (emb ** 2).sum(1, keepdims=True) - 2 * emb @ c.T + (c ** 2).sum(1)
+            labels, info = d.argmin(1), {"method": "nearest_training_centroid", "n_clusters": len(c)}
+        else:
+            labels, info = self.cluster(emb)
+        res, domains = self._results(data, graph, emb, recon, labels, info)
+        res.metrics = {"graph": self.graph_info, "domains": domains}
+        return res
+
+    # -- checkpoint state -------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        state = {"genes": list(self.genes)}
+        if self.domain_centroids is not None:
+            state["domain_centroids"] = np.asarray(self.domain_centroids, np.float32).tolist()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        self.genes = [str(g) for g in state.get("genes", [])]
+        cent = state.get("domain_centroids")
+        self.domain_centroids = np.asarray(cent, np.float32) if cent is not None else None
+
+
+def _domain_metrics(pred: np.ndarray, data: SpatialDataset) -> dict:
+    """ARI / NMI / Hungarian accuracy overall (labelled spots) and ARI / NMI per section."""
+    from ..evaluation.clustering import domain_scores
+
+    truth = data.domains
+    out = domain_scores(pred, truth)
+    if data.n_sections > 1:
+        per = {}
+        for code, name in enumerate(data.section_names):
+            sel = data.section == code
+            if (truth[sel] >= 0).sum() > 1:
+                s = domain_scores(pred[sel], truth[sel])
+                per[name] = {"ari": s["ari"], "nmi": s["nmi"], "accuracy": s["accuracy"]}
+        out["per_section"] = per
+    else:
+        out["per_section"] = {data.section_names[0]: {"ari": out["ari"], "nmi": out["nmi"]}}
+    return out
