@@ -17,6 +17,7 @@ from napari_spatialssl.graphs.lattice import (
     patch_gene_variance,
     random_origins,
     rasterize,
+    sample_patches,
     scatter_to_bins,
     select_channels,
     suggest_bin_size,
@@ -131,6 +132,9 @@ def test_patches_equal_dense_crops_for_every_origin_kind(merfish):
         np.testing.assert_allclose(batch.values[p], crop[..., genes[p]], atol=1e-6)
         np.testing.assert_array_equal(batch.occupancy[p], _padded_crop(lat.occupancy[..., None], o, h, w)[..., 0])
     assert (batch.section == lat.section).all()
+    combined = sample_patches(lat, origins, h, w, m, np.random.default_rng(9))
+    np.testing.assert_array_equal(combined.genes, select_channels(lat, origins, h, w, m, np.random.default_rng(9)))
+    np.testing.assert_array_equal(combined.values, extract_patches(lat, origins, h, w, combined.genes).values)
     shared = extract_patches(lat, origins[:3], h, w, np.array([3, 1, 2]))
     np.testing.assert_allclose(shared.values[1], _padded_crop(dense, origins[1], h, w)[..., [3, 1, 2]])
 
