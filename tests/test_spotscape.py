@@ -187,8 +187,8 @@ def test_graph_default_radius_gives_hex_neighbours_and_no_cross_slice_edges():
     m = Spotscape(cfg)
     g = m.build_graph(data)
     deg = g.degrees()
-    assert np.median(deg) == 6  # 1.5 x spacing keeps the first hexagonal ring only
-    assert m.graph_info["radius"] == pytest.approx(150.0, rel=1e-6)
+    assert np.median(deg) == 6  # 1.1 x the pitch keeps the first hexagonal ring only
+    assert m.graph_info["radius"] == pytest.approx(110.0, rel=1e-6)
     rows = np.repeat(np.arange(g.n_nodes), deg)
     assert (data.section[rows] == data.section[g.indices]).all()
 

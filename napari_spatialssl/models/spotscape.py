@@ -61,10 +61,10 @@ class SpotscapeConfig(TrainConfig):
     """Spotscape settings. Distances (radius) are in the coordinates' units.
 
     Graph: ``k_neighbors`` nearest spots of the same slice, cut at ``radius``; ``radius=None``
-    means ``radius_factor`` x the median nearest-neighbour distance (per slice, then the median
-    over slices): 1.5 keeps the 6 hexagonal neighbours of a Visium spot (next ring at 1.73x),
-    whatever the unit (DLPFC ``obsm['spatial']`` array units or full-resolution pixels, where it
-    gives ~150 px as in the paper).
+    means ``radius_factor`` x the median distance to the ``target_degree``-th nearest spot (per
+    slice, then the median over slices). On a Visium lattice that keeps exactly the 6 first-ring
+    neighbours whatever the unit (DLPFC ``obsm['spatial']`` array units, or full-resolution
+    pixels where it is ~150 px as in the paper); on cell-resolution data a median degree of ~6.
     """
 
     epochs: int = 400
@@ -75,13 +75,16 @@ class SpotscapeConfig(TrainConfig):
     # graph
     k_neighbors: int = 50
     radius: float | None = None
-    radius_factor: float = 1.5
+    radius_factor: float = 1.1
+    target_degree: int = 6
     # model
     hidden_dims: list[int] = field(default_factory=lambda: [256, 64])
     batch_norm: bool = True
+    activate_embedding: bool = True  # ReLU after the last GCN layer's batch norm too
     # augmentations (per view)
     edge_drop: float = 0.2
     feature_mask: float = 0.2
+    rescale_masked: bool = True  # divide kept channels by (1 - feature_mask), so eval inputs match
     # loss weights
     lambda_recon: float = 0.1
     # Spots whose reconstruction is scored per view and step (a fresh random draw each time: an
@@ -165,20 +168,23 @@ class NormAdj:
 
 
 class SpotscapeModel(nn.Module):
-    """GCN encoder (d_in -> hidden_dims..., batch norm + PReLU between layers) and MLP decoder."""
+    """GCN encoder (d_in -> hidden_dims...; each layer GCN -> batch norm -> ReLU, the embedding
+    layer included when `activate_embedding`) and an MLP decoder (hidden layers Linear -> batch
+    norm -> ReLU, then Linear to the genes)."""
 
-    def __init__(self, n_genes: int, hidden_dims: list[int], batch_norm: bool = True):
+    def __init__(self, n_genes: int, hidden_dims: list[int], batch_norm: bool = True,
+                 activate_embedding: bool = True):
         super().__init__()
         dims = [n_genes, *[int(d) for d in hidden_dims]]
         self.convs = nn.ModuleList(GCNLayer(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) if batch_norm else nn.Identity() for b in dims[1:])
-        self.acts = nn.ModuleList(nn.PReLU() for _ in dims[2:])
+        self.n_act = len(self.convs) if activate_embedding else len(self.convs) - 1
         rev = dims[::-1]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(rev) - 2:
-                layers.append(nn.ReLU())
+                layers += [nn.BatchNorm1d(b) if batch_norm else nn.Identity(), nn.ReLU()]
         self.decoder = nn.Sequential(*layers)
 
     def encode(self, x, adj: NormAdj, input_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,8 +192,8 @@ class SpotscapeModel(nn.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = conv(h, adj, input_mask if i == 0 else None)
             h = norm(h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
+            if i < self.n_act:
+                h = F.relu(h)
         return h
 
     def forward(self, x, adj: NormAdj, input_mask: torch.Tensor | None = None,
@@ -251,16 +257,16 @@ class SparseTarget:
     """Mean squared error of a dense prediction against rows of the expression, densifying only
     the rows asked for (the whole matrix stays sparse on the device)."""
 
-    def __init__(self, X, device: torch.device):
-        self.shape = X.shape
-        if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=np.float32)
-            self.indptr = torch.from_numpy(X.indptr.astype(np.int64)).to(device)
-            self.indices = torch.from_numpy(X.indices.astype(np.int64)).to(device)
-            self.values = torch.from_numpy(X.data).to(device)
+    def __init__(self, x: "SparseInput | torch.Tensor"):
+        """`x`: the model input on its device (shares its memory, no copy)."""
+        self.shape = tuple(x.shape)
+        if isinstance(x, SparseInput):
+            self.indptr = x.csr.crow_indices()
+            self.indices = x.csr.col_indices()
+            self.values = x.csr.values()
             self.dense = None
         else:
-            self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+            self.dense = x
 
     def rows(self, rows: torch.Tensor | None) -> torch.Tensor:
         if self.dense is not None:
@@ -281,23 +287,30 @@ class SparseTarget:
         return F.mse_loss(pred, self.rows(rows))
 
 
-def default_radius(coords: np.ndarray, section: np.ndarray, factor: float) -> tuple[float, float]:
-    """(radius, median nearest-neighbour distance): factor x the median over slices of each slice's
-    median nearest-neighbour distance (coordinates' units)."""
+def default_radius(coords: np.ndarray, section: np.ndarray, factor: float,
+                   target_degree: int = 6) -> tuple[float, float]:
+    """(radius, reference distance): `factor` x the median distance from a spot to its
+    `target_degree`-th nearest spot of the same slice (median per slice, then over slices).
+
+    On a hexagonal Visium lattice the 6th neighbour is at the spot pitch d (the next ring at
+    1.73 d), so 1.1 x keeps exactly the first ring (6 neighbours) whatever the unit; on
+    cell-resolution data it gives a median degree of about `target_degree`.
+    """
     meds = []
     for s in np.unique(section):
         pts = coords[section == s]
-        if len(pts) < 2:
+        kk = min(target_degree + 1, len(pts))
+        if kk < 2:
             continue
-        d, _ = cKDTree(pts).query(pts, k=2)
-        pos = d[:, 1][d[:, 1] > 0]
-        if pos.size:
-            meds.append(float(np.median(pos)))
+        d, _ = cKDTree(pts).query(pts, k=kk)
+        ref = d[:, -1][d[:, -1] > 0]
+        if ref.size:
+            meds.append(float(np.median(ref)))
     if not meds:
         raise SpatialDataError("spotscape: cannot derive a graph radius (every slice has < 2 distinct spots); "
                                "set radius explicitly (--set radius=...).")
-    med = float(np.median(meds))
-    return factor * med, med
+    ref = float(np.median(meds))
+    return factor * ref, ref
 
 
 @register
@@ -340,10 +353,11 @@ class Spotscape(SSLMethod):
         if c.radius is not None:
             radius, med = float(c.radius), None
         else:
-            radius, med = default_radius(data.coords, data.section, c.radius_factor)
+            radius, med = default_radius(data.coords, data.section, c.radius_factor, c.target_degree)
         g = snn_graph(data.coords, k=c.k_neighbors, radius=radius, section=data.section)
-        self.graph_info = {**g.summary(), "radius": radius, "median_nn_distance": med,
-                           "radius_source": "config" if c.radius is not None else f"{c.radius_factor} x median nn"}
+        self.graph_info = {**g.summary(), "radius": radius, "reference_distance": med,
+                           "radius_source": "config" if c.radius is not None else
+                           f"{c.radius_factor} x median distance to the {c.target_degree}th neighbour"}
         return g
 
     def prepare(self, data: SpatialDataset) -> None:
@@ -361,7 +375,8 @@ class Spotscape(SSLMethod):
         n_genes = len(self.genes) if self.genes else (self.data.n_genes if self.data is not None else 0)
         if n_genes < 1:
             raise SpatialDataError("spotscape: the model's gene list is empty; cannot build the model.")
-        return SpotscapeModel(n_genes, list(self.config.hidden_dims), self.config.batch_norm)
+        return SpotscapeModel(n_genes, list(self.config.hidden_dims), self.config.batch_norm,
+                              self.config.activate_embedding)
 
     def _device_tensors(self, device: torch.device, data: SpatialDataset | None = None,
                         graph: CellGraph | None = None) -> dict:
@@ -369,10 +384,11 @@ class Spotscape(SSLMethod):
         graph = graph if graph is not None else self.graph
         key = (str(device), id(data), id(graph))
         if self._dev_cache.get("key") != key:
+            x = _to_device_matrix(data.X, device)
             self._dev_cache = {
                 "key": key,
-                "x": _to_device_matrix(data.X, device),
-                "target": SparseTarget(data.X, device),
+                "x": x,
+                "target": SparseTarget(x),
                 "graph": GraphTensors(graph, device),
                 "section": torch.from_numpy(data.section.astype(np.int64)).to(device),
             }
@@ -406,6 +422,8 @@ class Spotscape(SSLMethod):
         for _ in range(2):
             adj = t["graph"].normalised(1.0 - c.edge_drop, gen)
             mask = (torch.rand(n_genes, device=device, generator=gen) >= c.feature_mask).float()
+            if c.rescale_masked:  # as dropout does: the expected input equals the unmasked one
+                mask = mask / (1.0 - c.feature_mask)
             rows = None
             if c.recon_spots is not None and c.recon_spots < n:
                 rows = torch.randperm(n, device=device, generator=gen)[:c.recon_spots]
