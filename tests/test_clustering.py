@@ -1,0 +1,89 @@
+"""Domain clustering and scores: k-means, GMM-BIC, Leiden resolution search, smoothing, batch mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from napari_spatialssl.evaluation.clustering import (
+    batch_mixing_scores,
+    domain_scores,
+    gmm_bic,
+    graph_cluster_search,
+    hungarian_accuracy,
+    kmeans,
+    leiden_labels,
+    smooth_labels,
+)
+
+
+def _blobs(n_per=80, k=4, d=6, spread=0.4, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, size=(k, d))
+    X = np.vstack([c + spread * rng.normal(size=(n_per, d)) for c in centres])
+    return X, np.repeat(np.arange(k), n_per)
+
+
+def test_kmeans_gmm_recover_blobs():
+    X, y = _blobs()
+    assert domain_scores(kmeans(X, 4), y)["ari"] == pytest.approx(1.0)
+    labels, k = gmm_bic(X, range(2, 8))
+    assert k == 4 and domain_scores(labels, y)["ari"] == pytest.approx(1.0)
+
+
+def test_domain_scores_ignore_unlabelled_and_hungarian():
+    truth = np.array([0, 0, 1, 1, 2, 2, -1, -1])
+    pred = np.array([5, 5, 3, 3, 9, 9, 0, 1])
+    s = domain_scores(pred, truth)
+    assert s["ari"] == pytest.approx(1.0) and s["accuracy"] == pytest.approx(1.0) and s["n_cells"] == 6
+    assert hungarian_accuracy(np.array([0, 0, 1, 1]), np.array([1, 1, 1, 0])) == pytest.approx(0.75)
+
+
+def test_leiden_search_hits_target_k_and_chooses_without_k():
+    X, y = _blobs(k=5)
+    labels, info = graph_cluster_search(X, n_clusters=5)
+    assert info["n_clusters"] == 5 and domain_scores(labels, y)["ari"] > 0.95
+    labels, info = graph_cluster_search(X)
+    assert info["criterion"] == "silhouette" and 2 <= info["n_clusters"] <= 30
+    assert domain_scores(labels, y)["ari"] > 0.9
+    assert len(info["tried"]) >= 3
+
+
+def test_leiden_labels_ordered_by_size_and_seeded():
+    X, _ = _blobs(k=3)
+    from napari_spatialssl.evaluation.clustering import _knn_connectivities
+
+    A = _knn_connectivities(X, 10)
+    a = leiden_labels(A, 0.5, seed=1)
+    b = leiden_labels(A, 0.5, seed=1)
+    np.testing.assert_array_equal(a, b)
+    counts = np.bincount(a)
+    assert (np.diff(counts) <= 0).all()
+
+
+def test_smooth_labels_majority_of_neighbourhood():
+    # a path 0-1-2-3-4 with one odd label in the middle
+    rows = np.array([0, 1, 1, 2, 2, 3, 3, 4])
+    cols = np.array([1, 0, 2, 1, 3, 2, 4, 3])
+    A = sp.csr_matrix((np.ones(8), (rows, cols)), shape=(5, 5))
+    out = smooth_labels(np.array([0, 0, 1, 0, 0]), A)
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 0])
+
+
+def test_batch_mixing_separated_vs_mixed():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5))
+    batch = np.repeat([0, 1], 200)
+    mixed = batch_mixing_scores(X, batch)
+    shifted = X.copy()
+    shifted[batch == 1] += 20.0
+    separated = batch_mixing_scores(shifted, batch)
+    assert mixed["batch_entropy"] > 0.9 and separated["batch_entropy"] < 0.05
+    assert mixed["batch_asw"] > 0.9 and separated["batch_asw"] < 0.2
+    # per-label ASW: two domains that differ biologically but mix across batches stay "mixed"
+    labels = np.tile(np.repeat([0, 1], 100), 2)
+    Y = X.copy()
+    Y[labels == 1] += 20.0
+    assert batch_mixing_scores(Y, batch, labels)["batch_asw"] > 0.9
+    assert batch_mixing_scores(X, np.zeros(400))["batch_asw"] is None
