@@ -23,10 +23,10 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _assert_same_as_pyg(graph, centers, num_hops, batch_size=256):
+def _assert_same_as_pyg(graph, centers, num_hops, batch_size=256, precompute=None):
     """Every centre's ego-net node set equals k_hop_subgraph's; the batch subgraph is induced."""
     ei = graph.edge_index()
-    sampler = EgoNetSampler(graph, num_hops)
+    sampler = EgoNetSampler(graph, num_hops, precompute=precompute)
     A = graph.to_scipy()
     checked = 0
     for batch in sampler.batches(centers, batch_size):
@@ -53,12 +53,14 @@ def test_egonets_equal_k_hop_subgraph_on_real_merfish_every_centre(shared_data, 
     _assert_same_as_pyg(graph, np.arange(graph.n_nodes), num_hops, batch_size=700)
 
 
+@pytest.mark.parametrize("precompute", [True, False])
 @pytest.mark.parametrize("num_hops", [1, 2, 3])
-def test_egonets_equal_k_hop_subgraph_on_synthetic(num_hops):
+def test_egonets_equal_k_hop_subgraph_on_synthetic(num_hops, precompute):
+    """Both paths: precomputed (A + I)^k rows, and k sparse products per batch."""
     coords, section = synthetic_coords(6000, 3, seed=1)
     graph = radius_graph(coords, 20.0, section)
-    centers = np.random.default_rng(num_hops).choice(graph.n_nodes, 400, replace=False)
-    _assert_same_as_pyg(graph, centers, num_hops, batch_size=128)
+    centers = np.random.default_rng(num_hops).choice(graph.n_nodes, 300, replace=False)
+    _assert_same_as_pyg(graph, centers, num_hops, batch_size=128, precompute=precompute)
 
 
 def test_directed_graph_follows_pyg_flow():
