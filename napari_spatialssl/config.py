@@ -104,7 +104,9 @@ def _coerce(text: str, current: Any, tp) -> Any:
     if isinstance(current, float) or tp is float:
         return float(text)
     if isinstance(current, (list, tuple)) or typing.get_origin(tp) in (list, tuple):
-        return [t.strip() for t in text.split(",") if t.strip()]
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        elem = (typing.get_args(tp) or (str,))[0]  # list[int] / list[float] get numbers
+        return [elem(t) for t in items] if elem in (int, float) else items
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -89,6 +89,8 @@ class FinetuneConfig:
     class_weights: str = "balanced"
     val_fraction: float = 0.15
     batch_size: int = 4096  # cells per step of the linear probe (on precomputed embeddings)
+    # early stopping on the validation cells: 'macro_f1' (stops on 1 - macro F1) or 'loss' (weighted CE)
+    early_stop_metric: str = "macro_f1"
 
 
 @dataclass
@@ -147,6 +149,8 @@ class GnnMaskConfig(TrainConfig):
             raise SpatialDataError(f"decoder must be 'mlp' or 'linear', got {self.decoder!r}.")
         if self.mask_token not in ("learned", "zeros"):
             raise SpatialDataError(f"mask_token must be 'learned' or 'zeros', got {self.mask_token!r}.")
+        if self.finetune.early_stop_metric not in ("macro_f1", "loss"):
+            raise SpatialDataError("finetune.early_stop_metric must be 'macro_f1' or 'loss'.")
         if self.finetune.mode not in ("full", "linear"):
             raise SpatialDataError(f"finetune.mode must be 'full' or 'linear', got {self.finetune.mode!r}.")
         if not 0.0 <= self.val_fraction < 0.5:
@@ -797,4 +801,10 @@ class _CellTypeTask:
             logits = self.model.head(self.z_val.to(device))
         else:
             logits = torch.from_numpy(self.method._classify(self.val, self.model, device)).to(device)
-        return float(self._loss(logits, self.labels[self.val], device))
+        y = self.labels[self.val]
+        if self.fc.early_stop_metric == "macro_f1":
+            # weighted CE keeps falling on common classes while rare ones overfit; the score we
+            # report is what should pick the epoch (on training-section cells only)
+            pred = logits.argmax(1).cpu().numpy()
+            return 1.0 - classification_scores(y, pred)["macro_f1"]
+        return float(self._loss(logits, y, device))

@@ -1,0 +1,224 @@
+"""gnn-mask: graph views, masking, ego-net exactness, fine-tuning, results and metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_spatialssl.config import TrainConfig
+from napari_spatialssl.data.dataset import SpatialDataset
+from napari_spatialssl.data.io import SpatialDataError, read_h5ad
+from napari_spatialssl.evaluation.classification import (
+    class_weight_vector,
+    classification_scores,
+    logistic_regression_baseline,
+)
+from napari_spatialssl.models.gnn_mask import GnnMask, GnnMaskConfig
+from napari_spatialssl.pipeline import fit, make_config
+from napari_spatialssl.training import Trainer
+
+FAST = {"epochs": 3, "finetune.epochs": 3, "hidden_dims": "32,16", "decoder_hidden": 32, "heads": 2, "radius": 300}
+# STARmap coordinates are in pixels: radius 300 gives ~4 neighbours per cell
+BZ5, BZ14 = "20180417_BZ5_control", "20180424_BZ14_control"
+
+
+@pytest.fixture(scope="module")
+def starmap(starmap_path):
+    adata = read_h5ad(starmap_path)
+    # unknown labels: a user-listed value, NaN and empty strings stay in the graph
+    ct = adata.obs["cell_type"].astype(object).to_numpy().copy()
+    ct[:40] = "Ambiguous"
+    ct[40:60] = np.nan
+    ct[60:70] = ""
+    adata.obs["ct"] = pd.Categorical(ct)
+    return adata
+
+
+def _dataset(adata, **kw):
+    cfg = GnnMaskConfig()
+    return SpatialDataset.from_anndata(adata, section_key="sample_id", label_key="ct",
+                                       ignore_labels=["Ambiguous"], preprocess=cfg.data.preprocess, **kw)
+
+
+def _method(adata, **over):
+    cfg = make_config("gnn-mask", {**FAST, **over})
+    m = GnnMask(cfg)
+    data = _dataset(adata)
+    torch.manual_seed(0)
+    m.prepare(data)
+    return m, data
+
+
+@pytest.mark.parametrize("encoder", ["gcn", "gat"])
+def test_egonet_centre_outputs_equal_whole_graph(starmap, encoder):
+    whole, data = _method(starmap, encoder=encoder, graph_mode="whole", radius=300)
+    ego, _ = _method(starmap, encoder=encoder, graph_mode="egonet", radius=300, batch_size=97)
+    ego.model.load_state_dict(whole.model.state_dict())
+    cells = np.arange(data.n_cells)
+    mask = np.zeros(data.n_cells, bool)
+    mask[::5] = True
+    e1, r1, _ = whole._reconstruct(cells, mask, torch.device("cpu"))
+    e2, r2, _ = ego._reconstruct(cells, mask, torch.device("cpu"))
+    assert ego.view.sampler is not None and ego.view.num_hops == 2
+    np.testing.assert_allclose(e1, e2, atol=2e-5)
+    np.testing.assert_allclose(r1, r2, atol=2e-5)
+
+
+def test_radius_graph_is_built_once_per_section(starmap):
+    m, data = _method(starmap, radius=300)
+    g = m.view.graph
+    src = np.repeat(np.arange(g.n_nodes), g.degrees())
+    assert (data.section[src] == data.section[g.indices]).all()  # never across sections
+    ids = [id(m.view.section_sub(s)[1]) for s in range(data.n_sections)]
+    batches = list(m.train_batches(1, np.random.default_rng(0)))
+    assert len(batches) == data.n_sections  # whole mode: one section per step
+    assert [id(m.view.section_sub(s)[1]) for s in range(data.n_sections)] == ids  # cached, not rebuilt
+
+
+def test_sections_per_step_and_egonet_batches(starmap):
+    m, data = _method(starmap, sections_per_step=2)
+    batches = list(m.train_batches(1, np.random.default_rng(0)))
+    assert len(batches) == 2 and sum(len(b[0].nodes) for b in batches) == data.n_cells
+    e, _ = _method(starmap, graph_mode="egonet", batch_size=256)
+    bs = list(e.train_batches(1, np.random.default_rng(0)))
+    assert len(bs) == len(e.train_batches(1, np.random.default_rng(0)))
+    centres = np.concatenate([b[0].cells for b in bs])
+    assert np.array_equal(np.sort(centres), np.flatnonzero(e.target_ok))  # each scorable cell once
+    assert max(len(b[0].nodes) for b in bs) < data.n_cells
+
+
+def test_masks_are_new_every_step_and_held_out_cells_never_scored(starmap):
+    m, data = _method(starmap)
+    rng = np.random.default_rng(0)
+    (s1, m1), (s2, m2) = list(m.train_batches(1, rng))[:1] + list(m.train_batches(2, rng))[:1]
+    assert m1.mean() == pytest.approx(0.2, abs=0.01)
+    assert not (len(m1) == len(m2) and np.array_equal(m1, m2))
+    # evaluation and validation cells are disjoint and excluded from the training targets
+    assert not (m.eval_mask[m.val_cells]).any()
+    assert not m.target_ok[m.eval_mask].any() and not m.target_ok[m.val_cells].any()
+    # the loss equals the MSE over masked, scorable cells only
+    sub, mask = s1, m1
+    loss = m.training_loss((sub, mask), torch.device("cpu"))["loss"]
+    with torch.no_grad():
+        m.model.eval()
+        x = m._x(sub.nodes)
+        _, rec = m.model(x, sub.edge_index, sub.edge_weight, torch.from_numpy(mask))
+    m.model.train()
+    score = mask & m.target_ok[sub.nodes]
+    torch.manual_seed(0)
+    expected = ((rec[score] - x[score]) ** 2).mean()
+    m.model.eval()
+    with torch.no_grad():
+        loss_eval = m.training_loss((sub, mask), torch.device("cpu"))["loss"]
+    assert float(loss_eval) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss) > 0
+
+
+@pytest.mark.parametrize("token", ["zeros", "learned"])
+def test_mask_token_replaces_masked_inputs(starmap, token):
+    m, _ = _method(starmap, mask_token=token)
+    assert m.model.mask_token.requires_grad == (token == "learned")
+    h = torch.randn(5, len(m.genes))
+    mask = torch.tensor([True, False, True, False, False])
+    out = m.model.hide(h, mask)
+    assert torch.equal(out[~mask], h[~mask])
+    assert torch.equal(out[mask], m.model.mask_token.detach().expand(2, -1))
+
+
+def test_other_mask_strategies(starmap):
+    m, data = _method(starmap, **{"mask.strategy": "niches", "mask.ratio": 0.05, "mask.niche_hops": 1})
+    sub, mask = next(iter(m.train_batches(1, np.random.default_rng(1))))
+    assert 0.05 < mask.mean() < 0.9
+    name = data.label_names[0]
+    c, data = _method(starmap, **{"mask.strategy": "cell_types", "mask.cell_types": name})
+    assert np.array_equal(c.eval_mask, data.labels == 0) and not c.eval_held_out
+    sub, mask = next(iter(c.train_batches(1, np.random.default_rng(1))))
+    assert np.array_equal(mask, data.labels[sub.nodes] == 0)
+
+
+def test_config_errors(starmap):
+    with pytest.raises(SpatialDataError, match="divisible"):
+        _method(starmap, encoder="gat", heads=3, hidden_dims="32,16")
+    with pytest.raises(SpatialDataError, match="graph_mode"):
+        _method(starmap, graph_mode="patches")
+
+
+def test_fit_results_metrics_and_unknown_labels(starmap):
+    out = fit(starmap, "gnn-mask", overrides={
+        **FAST, "data.section_key": "sample_id", "data.label_key": "ct", "data.ignore_labels": "Ambiguous",
+        "eval.test_sections": BZ5, "finetune.mode": "linear"})
+    a, m = out.adata, out.metrics
+    n = starmap.n_obs
+    assert a.obsm["X_gnn-mask"].shape == (n, 16)
+    assert a.layers["gnn-mask_reconstruction"].shape == starmap.shape
+    assert a.obs["gnn-mask_masked"].dtype == bool and 0.15 < a.obs["gnn-mask_masked"].mean() < 0.25
+    ct = a.obs["gnn-mask_cell_type"]
+    assert ct.dtype == "category" and ct.notna().all()  # one prediction for every cell
+    assert "Ambiguous" not in set(ct.cat.categories) and "" not in set(ct.cat.categories)
+    rec = m["reconstruction"]
+    assert {"masked_mse", "masked_r2"} <= set(rec) and set(rec["baselines"]) == {"train_mean", "neighbor_mean"}
+    c = m["cell_type"]
+    assert c["test_sections"] == [BZ5] and BZ5 not in c["train_sections"]
+    test_labelled = ((starmap.obs["sample_id"] == BZ5).to_numpy()
+                     & ~pd.Series(starmap.obs["ct"]).astype(str).isin(["Ambiguous", "nan", ""]).to_numpy())
+    assert c["n_test_cells"] == int(test_labelled.sum())  # unknown labels left out of the metrics
+    for block in (c, c["baselines"]["random_init"], c["baselines"]["expression_logreg"]):
+        assert 0 <= block["macro_f1"] <= 1 and 0 <= block["accuracy"] <= 1 and 0 <= block["balanced_accuracy"] <= 1
+    for key in ("method", "seed", "device", "train_seconds", "epochs", "seconds_per_epoch", "cells_per_second"):
+        assert key in m
+
+
+def test_egonet_full_finetune_gat(starmap):
+    out = fit(starmap, "gnn-mask", overrides={
+        **FAST, "encoder": "gat", "graph_mode": "egonet", "batch_size": 512, "data.section_key": "sample_id",
+        "data.label_key": "ct", "data.ignore_labels": "Ambiguous", "finetune.mode": "full"})
+    assert out.metrics["graph_mode"] == "egonet"
+    assert out.metrics["cell_type"]["test_sections"] == [BZ14]  # default: the last section held out
+    assert out.method.model.cell_type is not None
+
+
+def test_one_section_split_and_no_labels(osmfish_path):
+    adata = read_h5ad(osmfish_path)
+    out = fit(adata, "gnn-mask", overrides={**FAST, "data.label_key": "cell_type",
+                                             "data.ignore_labels": "Excluded", "radius": 400})
+    assert out.metrics["cell_type"]["split"].startswith("one section")
+    plain = fit(adata, "gnn-mask", overrides={**FAST, "radius": 400})
+    assert "cell_type" not in plain.metrics and "gnn-mask_cell_type" not in plain.adata.obs
+
+
+def test_pretraining_learns_better_than_baselines(starmap):
+    """A modest run must beat the training-mean reconstruction on held-out masked cells."""
+    out = fit(starmap, "gnn-mask", overrides={"epochs": 40, "hidden_dims": "64,32", "data.section_key": "sample_id", "radius": 300,
+                                              "seed": 1})
+    rec = out.metrics["reconstruction"]
+    assert rec["masked_mse"] < rec["baselines"]["train_mean"]
+    assert rec["masked_r2"] > 0
+
+
+def test_classification_helpers():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    s = classification_scores(y, np.array([0, 0, 1, 0, 2, 1]))
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["balanced_accuracy"] == pytest.approx((1 + .5 + .5) / 3)
+    w = class_weight_vector(np.array([0, 0, 0, 1, -1]), 3, "balanced")
+    assert w[2] == 0 and w[1] > w[0] > 0
+    assert np.allclose(class_weight_vector(np.array([0, 1]), 2, "none"), 1)
+    X = np.r_[np.random.default_rng(0).normal(0, 1, (30, 3)), np.random.default_rng(1).normal(4, 1, (30, 3))]
+    yy = np.r_[np.zeros(30, int), np.ones(30, int)]
+    assert (logistic_regression_baseline(X, yy, X) == yy).mean() > 0.95
+
+
+def test_finetune_trainer_is_the_shared_trainer(starmap):
+    made = []
+
+    def make_trainer(cfg):
+        assert isinstance(cfg, TrainConfig)
+        t = Trainer(cfg)
+        made.append(t)
+        return t
+
+    m, data = _method(starmap, **{"finetune.epochs": 2})
+    m.evaluate(data, torch.device("cpu"), make_trainer)
+    assert len(made) == 2  # pretrained and random-init fine-tuning, both by the Trainer
+    assert all(t.result.epochs_run == 2 for t in made)

@@ -1,0 +1,81 @@
+"""The headless pipeline: configs, events and stop, results placed in AnnData, saved runs, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from napari_spatialssl.data.io import SpatialDataError, read_h5ad
+from napari_spatialssl.pipeline import Pipeline, fit, load_model, make_config, predict
+
+FAST = {"epochs": 3, "finetune.epochs": 2, "hidden_dims": "16,8", "decoder_hidden": 16, "radius": 300,
+        "data.section_key": "sample_id"}
+
+
+@pytest.fixture(scope="module")
+def starmap(starmap_path):
+    return read_h5ad(starmap_path)
+
+
+def test_make_config_fields_and_overrides():
+    cfg = make_config("gnn-mask", ["mask.ratio=0.3", "hidden_dims=64,32", "encoder=gat"], epochs=7)
+    assert cfg.epochs == 7 and cfg.mask.ratio == 0.3 and cfg.hidden_dims == [64, 32] and cfg.encoder == "gat"
+    assert cfg.data.preprocess.log1p is True  # gnn-mask's preprocessing default
+    with pytest.raises(SpatialDataError, match="unknown setting"):
+        make_config("gnn-mask", ["mask.nope=1"])
+    with pytest.raises(ValueError, match="unknown method"):
+        make_config("no-such-method")
+
+
+def test_run_streams_events_and_stop_keeps_evaluating(starmap):
+    pipe = Pipeline("gnn-mask", make_config("gnn-mask", {**FAST, "epochs": 50}))
+    kinds, epochs = [], []
+    for event in pipe.run(starmap):
+        kinds.append(event.kind)
+        if event.kind == "epoch":
+            epochs.append(event.epoch)
+            if event.epoch == 2:
+                pipe.stop()  # as the widget's Stop button does, from the consumer
+    assert kinds[0] == "stage" and "start" in kinds and "end" in kinds and kinds[-1] == "stage"
+    assert epochs == [1, 2]
+    out = pipe.output
+    assert out.train_result.stopped_by_user and out.metrics["stopped_by_user"] and out.metrics["epochs"] == 2
+    assert "X_gnn-mask" in out.adata.obsm  # evaluation still ran on the model trained so far
+
+
+def test_results_are_placed_in_the_input_columns_with_hvg(starmap):
+    out = fit(starmap, "gnn-mask", overrides={**FAST, "data.preprocess.n_top_genes": 40})
+    rec = out.adata.layers["gnn-mask_reconstruction"]
+    assert rec.shape == starmap.shape
+    rec = rec.toarray() if sp.issparse(rec) else rec
+    used = out.method.data.gene_index
+    unused = np.setdiff1d(np.arange(starmap.n_vars), used)
+    assert len(used) == 40 and np.all(rec[:, unused] == 0) and np.abs(rec[:, used]).sum() > 0
+    assert list(out.adata.uns["spatialssl"]["gnn-mask"]["genes"]) == list(starmap.var_names[used])
+    assert json.loads(out.adata.uns["spatialssl"]["gnn-mask"]["config"])["data"]["preprocess"]["n_top_genes"] == 40
+    assert starmap.layers.keys() == set() or "gnn-mask_reconstruction" not in starmap.layers  # input untouched
+
+
+def test_same_seed_same_result_other_seed_differs(starmap):
+    a = fit(starmap, "gnn-mask", overrides={**FAST, "seed": 4})
+    b = fit(starmap, "gnn-mask", overrides={**FAST, "seed": 4})
+    c = fit(starmap, "gnn-mask", overrides={**FAST, "seed": 5})
+    np.testing.assert_array_equal(a.adata.obsm["X_gnn-mask"], b.adata.obsm["X_gnn-mask"])
+    assert a.metrics["reconstruction"]["masked_mse"] == b.metrics["reconstruction"]["masked_mse"]
+    assert not np.array_equal(a.adata.obsm["X_gnn-mask"], c.adata.obsm["X_gnn-mask"])
+
+
+def test_saved_run_rebuilds_the_model(starmap, tmp_path):
+    out = fit(starmap, "gnn-mask", tmp_path, overrides={**FAST, "data.label_key": "cell_type"})
+    assert set(out.files) == {"result", "metrics", "config", "model", "loss"}
+    method, cfg = load_model(tmp_path)
+    assert cfg.radius == 300 and method.label_names == out.method.label_names
+    assert method.model.cell_type is not None  # classifier restored from config + extra state
+    with pytest.raises(FileExistsError):
+        fit(starmap, "gnn-mask", tmp_path, overrides=FAST)
+    again = predict(starmap, tmp_path, device="cpu")
+    np.testing.assert_allclose(again.adata.obsm["X_gnn-mask"], out.adata.obsm["X_gnn-mask"], atol=1e-5)
+    assert again.metrics["cell_type"]["accuracy"] is not None
