@@ -107,6 +107,21 @@ class VirtualDisplay:
         self.stop()
 
 
+_DISPLAY: VirtualDisplay | None = None
+
+
+def _private_display() -> VirtualDisplay:
+    """Start (once per process) a private Xvfb. It lives as long as the process: the QApplication that
+    napari creates stays bound to it, so stopping it earlier would break any later Qt use."""
+    global _DISPLAY
+    if _DISPLAY is None:
+        import atexit
+
+        _DISPLAY = VirtualDisplay().start()
+        atexit.register(_DISPLAY.stop)
+    return _DISPLAY
+
+
 def summarize_adata(adata, layer_metadata: dict | None = None, color_by: str | None = None) -> dict:
     """JSON-ready summary of a slide: size, expression type, coordinates, sections, labels, colours."""
     import scipy.sparse as sp
@@ -215,18 +230,13 @@ def run_headless(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_out
     """
     out = Path(out_dir)
     path, layer_data = _sample_layer(sample, color_by)
-    display = None
     # A private virtual display, so that no window flashes on a real screen; when Qt is already running
     # (e.g. inside a test session under xvfb-run) it is bound to its display and we render there.
     if not _qt_app_exists() and (not _has_display() or shutil.which("Xvfb")):
-        display = VirtualDisplay().start()
-    try:
-        if os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal"):
-            os.environ["QT_QPA_PLATFORM"] = "xcb"  # the offscreen platform cannot render OpenGL screenshots
-        image = render_tissue_png(layer_data, out / "tissue.png", caption=_caption(layer_data))
-    finally:
-        if display is not None:
-            display.stop()
+        _private_display()
+    if os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal"):
+        os.environ["QT_QPA_PLATFORM"] = "xcb"  # the offscreen platform cannot render OpenGL screenshots
+    image = render_tissue_png(layer_data, out / "tissue.png", caption=_caption(layer_data))
     _, kwargs, _ = layer_data
     adata = kwargs["metadata"]["adata"]
     summary = summarize_adata(adata, kwargs["metadata"], color_by)

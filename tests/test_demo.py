@@ -1,0 +1,60 @@
+"""`napari-spatialssl demo --headless`: napari renders the sample slide into a PNG, with a summary JSON.
+
+Runs the console command in a subprocess with no DISPLAY, so the demo must start its own virtual X
+server (the path `make demo` takes on a headless machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+@pytest.mark.viewer
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb not installed (scripts/system_deps.sh installs it)")
+def test_headless_demo_writes_tissue_png(tmp_path):
+    from imageio.v3 import imread
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "napari_spatialssl.cli", "demo", "--headless", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rendered 6,471 cells" in proc.stdout
+
+    shot = imread(out / "tissue.png")
+    assert shot.shape[0] >= 600 and shot.shape[1] >= 800
+    rgb = shot[..., :3].reshape(-1, 3).astype(np.int32)
+    tissue = rgb[rgb.max(axis=1) > 16]
+    assert len(tissue) / len(rgb) > 0.02, "PNG is (nearly) blank"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cells"] == 6471 and summary["n_genes"] == 33
+    assert summary["color_by"]["key"] == "cell_type" and summary["color_by"]["n_categories"] == 32
+    # the PNG shows the cell-type colours: count categories whose exact colour is painted somewhere
+    found = 0
+    for hexcol in summary["colors"].values():
+        c = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)])
+        found += int((np.abs(tissue - c).max(axis=1) <= 6).sum() >= 5)
+    assert found >= 15, f"only {found} cell-type colours visible in the PNG"
+
+
+def test_summary_of_a_slide(starmap_path):
+    import anndata as ad
+
+    from napari_spatialssl._napari.layers import adata_to_points
+    from napari_spatialssl.demo import summarize_adata
+
+    a = ad.read_h5ad(starmap_path)
+    _, kw, _ = adata_to_points(a)
+    s = summarize_adata(a, kw["metadata"])
+    assert s["sections"]["key"] == "sample_id" and sum(s["sections"]["cells"].values()) == 3190
+    assert s["X"]["raw_counts"] and s["display"]["layout"] == "tiled"
+    json.dumps(s)  # JSON-ready
