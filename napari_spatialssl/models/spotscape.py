@@ -67,7 +67,7 @@ class SpotscapeConfig(TrainConfig):
     pixels where it is ~150 px as in the paper); on cell-resolution data a median degree of ~6.
     """
 
-    epochs: int = 400
+    epochs: int = 300
     lr: float = 1e-3
     weight_decay: float = 1e-4
     data: DataConfig = field(default_factory=lambda: DataConfig(preprocess=_spotscape_preprocess()))
@@ -397,7 +397,11 @@ class Spotscape(SSLMethod):
     # -- training ---------------------------------------------------------------------------
     @property
     def n_slices(self) -> int:
-        return int(len(np.unique(self.data.section))) if self.data is not None else 1
+        if self.data is None:
+            return 1
+        if getattr(self, "_n_slices_of", None) is not self.data:
+            self._n_slices_of, self._n_slices = self.data, int(len(np.unique(self.data.section)))
+        return self._n_slices
 
     def _proto_start(self) -> int:
         c = self.config
@@ -546,7 +550,10 @@ class Spotscape(SSLMethod):
         hidden = rng.random(g) < self.config.eval_masked_genes
         if not hidden.any():
             hidden[rng.integers(g)] = True
-        _, recon = self.embed(data, device, graph, input_mask=(~hidden).astype(np.float32))
+        keep = (~hidden).astype(np.float32)
+        if self.config.rescale_masked:  # the input scale the model saw in training
+            keep /= keep.mean()
+        _, recon = self.embed(data, device, graph, input_mask=keep)
         cols = np.flatnonzero(hidden)
         truth = data.X[:, cols]
         truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
