@@ -23,9 +23,10 @@ from scipy.spatial import cKDTree
 from ..data.io import SpatialDataError
 
 DEFAULT_EDGE_BUDGET_GB = 6.0
-# Bytes per directed edge while building: the result (int32 index + float32 distance) plus, for
-# the largest section, the pair array (int64), the sort keys (int64) and float64 distances; the
-# conversion to torch / scipy (int64 edge_index) later needs as much again. A generous bound.
+# Bytes per directed edge budgeted for building and using a graph: the result is 8 (int32 index +
+# float32 distance), transient per-section arrays (pairs, int64 keys, float64 distances) add a
+# section's worth, and a torch int64 edge_index later takes 16. The 4.3M-cell atlas build peaked
+# at ~21 bytes per edge above its coordinates (benchmarks/views.md); 48 leaves room for the rest.
 BUILD_BYTES_PER_EDGE = 48
 
 
