@@ -121,6 +121,7 @@ def main(argv=None) -> dict:
         for size, r in rec["by_mask_size"].items():
             base = {b: r[b]["mse"] for b in ("zeros", "patch_mean", "nearest", "idw")}
             best = min(base, key=base.get)
+            base["own_context_base"] = r["context_base"]["mse"]
             print(f"  mask {size}x{size}: model MSE {r['model']['mse']:.4f} MAE {r['model']['mae']:.4f} | "
                   + " ".join(f"{b} {v:.4f}" for b, v in base.items())
                   + f" | ratio to best baseline ({best}) {r['model']['mse'] / base[best]:.3f}")
@@ -168,10 +169,10 @@ def summarise(runs: list[dict]) -> dict:
         "pca_probe_mlp_acc": ms([r["baseline_pca"]["probes"]["mlp"]["accuracy"] for r in runs]),
         "reconstruction_mse": {
             z: {k: ms([r["reconstruction"]["by_mask_size"][z][k]["mse"] for r in runs])
-                for k in ("model", "zeros", "patch_mean", "nearest", "idw")} for z in sizes},
+                for k in ("model", "zeros", "patch_mean", "nearest", "idw", "context_base")} for z in sizes},
         "reconstruction_mae": {
             z: {k: ms([r["reconstruction"]["by_mask_size"][z][k]["mae"] for r in runs])
-                for k in ("model", "zeros", "patch_mean", "nearest", "idw")} for z in sizes},
+                for k in ("model", "zeros", "patch_mean", "nearest", "idw", "context_base")} for z in sizes},
         "beats_all_baselines_mse_every_seed": all(r["reconstruction"]["beats_all_baselines_mse"] for r in runs),
         "beats_all_baselines_mae_every_seed": all(r["reconstruction"]["beats_all_baselines_mae"] for r in runs),
     }

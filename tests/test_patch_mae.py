@@ -90,10 +90,11 @@ def test_random_token_mask_ratio_and_at_least_one_visible():
     assert ((occ & ~masked).sum(1) >= 1).all()
 
 
-def test_encoder_never_sees_masked_or_empty_bins():
+@pytest.mark.parametrize("residual", ["local", "patch_mean", "none"])
+def test_encoder_never_sees_masked_or_empty_bins(residual):
     torch.manual_seed(0)
     mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
-                                 decoder_heads=2).eval()
+                                 decoder_heads=2, residual=residual).eval()
     values, occ, genes = _random_batch()
     masked = random_token_mask(mae.token_occupancy(occ), 0.75)
     out = mae(values, occ, genes, masked)
@@ -136,6 +137,24 @@ def test_multi_bin_tokens():
     assert out.shape == values.shape
     with pytest.raises(ValueError, match="divide"):
         PatchMaskedAutoencoder(20, (8, 8), 3)
+    with pytest.raises(ValueError, match="residual"):
+        PatchMaskedAutoencoder(20, (8, 8), 1, residual="median")
+
+
+def test_local_context_base_is_a_gaussian_mean_of_visible_bins():
+    mae = PatchMaskedAutoencoder(5, (4, 4), 1, dim=8, depth=1, heads=2, decoder_dim=8, decoder_heads=2)
+    values = torch.zeros(1, 4, 4, 1)
+    values[0, 0, 0, 0], values[0, 0, 2, 0] = 1.0, 3.0
+    occ = torch.zeros(1, 4, 4, dtype=torch.bool)
+    occ[0, 0, 0] = occ[0, 0, 2] = occ[0, 0, 1] = True
+    visible = torch.zeros(1, 16, dtype=torch.bool)
+    visible[0, 0] = visible[0, 2] = True
+    base = mae.context_base(values, occ, visible)
+    bw2 = float(torch.exp(2 * mae.log_bandwidth))
+    w0, w2 = np.exp(-1 / (2 * bw2)), np.exp(-1 / (2 * bw2))  # bin (0, 1) is one bin from both
+    assert float(base[0, 0, 1, 0]) == pytest.approx((w0 * 1 + w2 * 3) / (w0 + w2), rel=1e-5)
+    far = np.exp(-np.array([9 + 0, 9 + 4]) / (2 * bw2))  # bin (3, 0): from (0,0) and (0,2)
+    assert float(base[0, 3, 0, 0]) == pytest.approx((far[0] * 1 + far[1] * 3) / far.sum(), rel=1e-5)
 
 
 # -- data view, hold-out and baselines ------------------------------------------------------

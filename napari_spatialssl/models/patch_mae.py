@@ -95,8 +95,9 @@ class PatchMAEConfig(TrainConfig):
     n_channels: m genes per patch (all genes when fewer); min_occupancy: fraction of a training
     patch's bins that must hold a cell; patches_per_epoch, batch_size: training patches;
     scale_genes: divide each gene by its s.d. (else only centred); dim/depth/heads: encoder,
-    decoder_*: decoder; residual_readout: predict each channel as its mean over the patch's visible
-    bins plus a learned deviation (models/vit.py); mask: pretext mask (random_cells = random tokens at mask.ratio, or
+    decoder_*: decoder; residual_readout: 'local' (default: a learned-bandwidth Gaussian mean of the
+    visible bins around each bin plus the decoder's deviation), 'patch_mean' or 'none'
+    (models/vit.py); mask: pretext mask (random_cells = random tokens at mask.ratio, or
     regions); holdout_fraction / holdout_seed: held-out tiles; eval_mask_sizes, eval_mask_regions,
     eval_mask_repeats: masked-region benchmark; embed_stride: tiling stride for per-cell outputs
     (None = patch_size // 2); eval_batch_size: patches per forward pass at inference;
@@ -127,7 +128,7 @@ class PatchMAEConfig(TrainConfig):
     decoder_dim: int = 64
     decoder_depth: int = 1
     decoder_heads: int = 4
-    residual_readout: bool = True
+    residual_readout: str = "local"
     holdout_fraction: float = 0.15
     holdout_seed: int = 0
     eval_mask_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -157,6 +158,8 @@ class PatchMAEConfig(TrainConfig):
             raise SpatialDataError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}.")
         if not 0.0 <= self.min_occupancy <= 1.0:
             raise SpatialDataError(f"min_occupancy must be in [0, 1], got {self.min_occupancy}.")
+        if self.residual_readout not in ("none", "patch_mean", "local"):
+            raise SpatialDataError(f"residual_readout must be 'none', 'patch_mean' or 'local', got {self.residual_readout!r}.")
         if self.domain_clustering not in ("joint", "per_section"):
             raise SpatialDataError(f"domain_clustering must be 'joint' or 'per_section', got {self.domain_clustering!r}.")
         if self.dim % 4 or self.decoder_dim % 4 or self.dim % self.heads or self.decoder_dim % self.decoder_heads:
@@ -496,7 +499,7 @@ class PatchMAE(SSLMethod):
                 x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
                 B = len(o)
                 out_genes = all_genes.expand(B, -1)
-                if mae.residual:  # the visible mean of every output gene, not only the input channels
+                if mae.residual != "none":  # the context of every output gene, not only the input channels
                     full = self._extract(lat, o, np.arange(self.n_genes))
                     x_all = model.standardise(torch.as_tensor(full.values, device=device), occ, out_genes)
                 tok_occ = mae.token_occupancy(occ)
@@ -505,7 +508,7 @@ class PatchMAE(SSLMethod):
                     visible = tok_occ & (group == g)
                     masked = tok_occ & ~visible
                     states, order, pad = mae.encode(x, occ, genes, visible)
-                    base = mae.visible_mean(x_all, occ, visible) if mae.residual else None
+                    base = mae.context_base(x_all, occ, visible) if mae.residual != "none" else None
                     pred = mae.decode(states, order, pad, tok_occ, out_genes, base)
                     pred = model.unstandardise(pred.float(), out_genes)
                     bin_masked = mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
@@ -537,7 +540,7 @@ class PatchMAE(SSLMethod):
         batches = self._holdout_batch_list(np.random.default_rng(cfg.holdout_seed + 1))
         xy = torch.as_tensor(_bin_offsets(h, h), device=device)
         dist = torch.cdist(xy, xy)  # (hw, hw) in bins
-        names = ("model",) + BASELINES
+        names = ("model",) + BASELINES + ("context_base",)
         by_size: dict = {}
         for s in cfg.eval_mask_sizes:
             se = {k: 0.0 for k in names}
@@ -558,6 +561,10 @@ class PatchMAE(SSLMethod):
                     x = model.standardise(raw, occ, genes)
                     pred = model.unstandardise(mae(x, occ, genes, tok_masked).float(), genes)
                     preds = {"model": pred, **self._baselines(raw, occ, mask, dist)}
+                    # the model's own residual base alone (no decoder): what the decoder adds beyond it
+                    base = mae.context_base(x, occ, mae.token_occupancy(occ) & ~tok_masked)
+                    preds["context_base"] = (model.unstandardise(base.float(), genes) if base is not None
+                                             else torch.zeros_like(raw))
                     truth = raw[target]
                     for k in names:
                         d = preds[k][target] - truth
@@ -570,6 +577,7 @@ class PatchMAE(SSLMethod):
         mean_of = lambda k, metric: float(np.mean([by_size[z][k][metric] for z in sizes]))  # noqa: E731
         beats = {metric: all(by_size[z]["model"][metric] < by_size[z][b][metric] for z in sizes for b in BASELINES)
                  for metric in ("mse", "mae")}
+        beats_base = all(by_size[z]["model"]["mse"] < by_size[z]["context_base"]["mse"] for z in sizes)
         return {
             "masked_mse": mean_of("model", "mse"),
             "masked_mae": mean_of("model", "mae"),
@@ -578,6 +586,10 @@ class PatchMAE(SSLMethod):
             "by_mask_size": by_size,
             "beats_all_baselines_mse": beats["mse"],
             "beats_all_baselines_mae": beats["mae"],
+            "context_base_mse": mean_of("context_base", "mse"),
+            "beats_own_context_base_mse": beats_base if cfg.residual_readout != "none" else None,
+            "residual_readout": cfg.residual_readout,
+            "bandwidth_bins": float(torch.exp(mae.log_bandwidth)) if cfg.residual_readout == "local" else None,
             "held_out": (f"{sum(len(o) for o in self.holdout)} non-overlapping {h}x{h} tiles "
                          f"({cfg.holdout_fraction:.0%} of each section's tiles, seed {cfg.holdout_seed}); "
                          "no training patch overlaps them"),

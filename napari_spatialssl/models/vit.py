@@ -17,10 +17,13 @@ visible (so no sequence is ever fully padded); the light decoder sees every toke
 visible ones, a learned mask token where a token was masked and a learned empty token where a
 token holds no cell, each with a fixed 2-D sin-cos position embedding.
 
-Residual readout (``residual=True``). Each channel's prediction is the mean of that channel over
-the patch's visible occupied bins plus the decoder's output: the decoder learns how masked bins
-deviate from their context rather than the context's level itself (the analogue of MAE's
-per-patch target normalisation, computed from visible bins only, so nothing masked leaks in).
+Residual readout (``residual``). With 'patch_mean', each channel's prediction is the channel's
+mean over the patch's visible occupied bins plus the decoder's output; with 'local' (default),
+the base is a Gaussian-weighted mean of the visible occupied bins around each bin, with one
+learned bandwidth (in bins); 'none' predicts the value directly. The decoder then learns how a
+masked bin deviates from its visible context rather than the context's level itself (the
+analogue of MAE's per-patch target normalisation); the base uses visible bins only, so nothing
+masked leaks in.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import math
 
 import torch
 from torch import nn
+
+
+RESIDUAL_MODES = ("none", "patch_mean", "local")
 
 
 def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -79,7 +85,8 @@ class GeneReadout(nn.Module):
     def __init__(self, n_genes: int, dim: int):
         super().__init__()
         self.gene = nn.Embedding(n_genes, dim)
-        nn.init.normal_(self.gene.weight, std=dim ** -0.5)
+        # small start: a residual model begins at its context base and learns the deviation
+        nn.init.normal_(self.gene.weight, std=0.02)
         self.bias = nn.Embedding(n_genes, 1)
         nn.init.zeros_(self.bias.weight)
 
@@ -102,9 +109,11 @@ class PatchMaskedAutoencoder(nn.Module):
     def __init__(self, n_genes: int, patch_size: tuple[int, int] = (16, 16), token_bins: int = 1,
                  dim: int = 64, depth: int = 2, heads: int = 4, decoder_dim: int = 64,
                  decoder_depth: int = 1, decoder_heads: int = 4, mlp_ratio: float = 4.0,
-                 residual: bool = True):
+                 residual: str = "local"):
         super().__init__()
-        self.residual = bool(residual)
+        if residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}.")
+        self.residual = residual
         h, w = int(patch_size[0]), int(patch_size[1])
         p = int(token_bins)
         if p < 1 or h % p or w % p:
@@ -127,6 +136,12 @@ class PatchMaskedAutoencoder(nn.Module):
         self.decoder = transformer(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
         self.unmerge = nn.Linear(decoder_dim, p * p * decoder_dim) if p > 1 else nn.Identity()
         self.readout = GeneReadout(n_genes, decoder_dim)
+        # bandwidth (bins) of the 'local' base, learned on a log scale; starts at a quarter patch
+        self.log_bandwidth = nn.Parameter(torch.tensor(math.log(max(min(h, w) / 4.0, 1.0))))
+        rr, cc = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        xy = torch.stack([rr.ravel(), cc.ravel()], dim=1)
+        self.register_buffer("bin_dist2", torch.cdist(xy, xy) ** 2, persistent=False)  # (hw, hw) bins^2
         for t in (self.cls, self.mask_token, self.empty_token):
             nn.init.normal_(t, std=0.02)
 
@@ -180,17 +195,31 @@ class PatchMaskedAutoencoder(nn.Module):
         return x, order, pad
 
     # -- decoder ----------------------------------------------------------------------------
-    def visible_mean(self, values: torch.Tensor, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """(B, m) mean of each channel over the occupied bins of the visible tokens (0 if none)."""
+    def visible_bins(self, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) bool: occupied bins of the visible tokens."""
         p = self.p
-        vis_bins = self.from_tokens(visible[:, :, None].expand(-1, -1, p * p)) & occupancy  # (B, h, w)
-        w = vis_bins.to(values.dtype)[..., None]
-        return (values * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)
+        return self.from_tokens(visible[:, :, None].expand(-1, -1, p * p)) & occupancy
+
+    def context_base(self, values: torch.Tensor, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
+        """The residual base (B, h, w, m) from the visible occupied bins only (None when 'none')."""
+        if self.residual == "none":
+            return None
+        B, h, w, m = values.shape
+        vis = self.visible_bins(occupancy, visible).reshape(B, h * w).to(values.dtype)
+        v = values.reshape(B, h * w, m)
+        if self.residual == "patch_mean":
+            mean = (v * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
+            return mean[:, None, None, :].expand(B, h, w, m)
+        bw2 = torch.exp(2 * self.log_bandwidth).to(values.dtype)
+        kern = torch.exp(-self.bin_dist2.to(values.dtype) / (2 * bw2))  # (hw, hw)
+        wgt = kern[None] * vis[:, None, :]  # (B, hw, hw): from visible bins only
+        base = torch.bmm(wgt, v) / wgt.sum(2, keepdim=True).clamp(min=1e-12)
+        return base.reshape(B, h, w, m)
 
     def decode(self, states: torch.Tensor, order: torch.Tensor, pad: torch.Tensor, token_occ: torch.Tensor,
                genes: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens;
-        `base` (B, m), the channels' visible mean, is added when the model is residual."""
+        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens,
+        plus `base` (B, h, w, m) (see :meth:`context_base`) when given."""
         B = states.shape[0]
         enc = self.enc_to_dec(states)  # (B, 1 + L, dd)
         dd = self.decoder_dim
@@ -205,9 +234,8 @@ class PatchMaskedAutoencoder(nn.Module):
         x = _run(self.decoder, x, None)[:, 1:]  # (B, T, dd)
         x = self.unmerge(x).reshape(B, self.n_tokens * self.p * self.p, dd)
         pred = self.readout(x, genes)  # (B, T * pp, m)
-        if self.residual and base is not None:
-            pred = pred + base[:, None, :].to(pred.dtype)
-        return self.from_tokens(pred.reshape(B, self.n_tokens, self.p * self.p, -1))
+        pred = self.from_tokens(pred.reshape(B, self.n_tokens, self.p * self.p, -1))
+        return pred if base is None else pred + base.to(pred.dtype)
 
     def forward(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor,
                 masked: torch.Tensor) -> torch.Tensor:
@@ -215,7 +243,7 @@ class PatchMaskedAutoencoder(nn.Module):
         token_occ = self.token_occupancy(occupancy)
         visible = token_occ & ~masked
         states, order, pad = self.encode(values, occupancy, genes, visible)
-        base = self.visible_mean(values, occupancy, visible) if self.residual else None
+        base = self.context_base(values, occupancy, visible)
         return self.decode(states, order, pad, token_occ, genes, base)
 
     @torch.no_grad()
