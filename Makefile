@@ -1,31 +1,32 @@
 # Two commands set everything up on a fresh Linux machine:
-#   make demo   - the main job on the shipped sample data (napari when there is a display, else headless PNG)
-#   make test   - the whole test suite (viewer tests under a virtual X server)
-# Override the torch requirement, e.g.  make test TORCH="torch==2.13.0"
+#   make demo   - the sample slide in napari with the plugin (no display: a PNG rendered by napari
+#                 in demo_output/tissue.png and demo_output/summary.json)
+#   make test   - the whole test suite (viewer tests under a virtual X server) and the packaging check
+# Both create .venv (torch first, pinned, then everything constrained to it) and install the system
+# libraries Qt / OpenGL need when allowed to. Overrides, e.g.:
+#   make test TORCH="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126
+#   make demo DEMO_ARGS="--sample starmap"        make test PYTEST_ARGS="-k reader -x"
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.=\n' '_')
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: all demo test install sysdeps clean
+export PYTHON VENV TORCH TORCH_INDEX DEMO_ARGS
+
+.PHONY: all demo test test-only install sysdeps check-package clean
 
 all: test
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-
-# torch first (the pinned CPU build by default), then everything else constrained to that torch,
-# so that no other package can pull a different (CUDA) torch in.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[all]"
-	rm -f $(VENV)/.installed-*
-	touch $@
+# Re-run the install whenever pyproject.toml changes (new dependencies) or TORCH changes.
+$(STAMP): pyproject.toml scripts/install_env.sh
+	@bash scripts/install_env.sh
+	@rm -f $(VENV)/.installed-*
+	@touch $@
 
 install: $(STAMP)
 
@@ -33,10 +34,18 @@ sysdeps:
 	@bash scripts/system_deps.sh
 
 test: install sysdeps
-	@bash scripts/run_tests.sh $(PYTEST_ARGS)
+	@PY=$(PY) bash scripts/run_tests.sh $(PYTEST_ARGS)
+	@PY=$(PY) bash scripts/check_package.sh
+
+# the suite alone, without (re)installing anything
+test-only:
+	@PY=$(PY) bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+check-package: install
+	@PY=$(PY) bash scripts/check_package.sh
 
 demo: install sysdeps
-	@bash scripts/run_demo.sh
+	@PY=$(PY) bash scripts/run_demo.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output
