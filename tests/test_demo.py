@@ -58,3 +58,22 @@ def test_summary_of_a_slide(starmap_path):
     assert s["sections"]["key"] == "sample_id" and sum(s["sections"]["cells"].values()) == 3190
     assert s["X"]["raw_counts"] and s["display"]["layout"] == "tiled"
     json.dumps(s)  # JSON-ready
+
+
+@pytest.mark.viewer
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+                    reason="no display: run under Xvfb (make test)")
+def test_interactive_demo_opens_slide_and_widget(monkeypatch):
+    """With a display, the demo opens napari with the sample slide and the plugin's dock widget."""
+    napari = pytest.importorskip("napari")
+    from napari_spatialssl.demo import run_demo
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)  # do not block on the event loop
+    assert run_demo(sample="starmap", headless=False) == 0
+    viewer = napari.current_viewer()
+    try:
+        assert [len(layer.data) for layer in viewer.layers] == [3190]
+        docks = list(viewer.window.dock_widgets)
+        assert any("Self-supervised learning" in name for name in docks), docks
+    finally:
+        viewer.close()

@@ -37,11 +37,26 @@ def read_slide(path: str | os.PathLike, *, section_key: str | None = "auto", col
     p = Path(path)
     adata = read_h5ad(p)
     try:
-        return adata_to_points(adata, name=name or p.stem, spatial_key=spatial_key, coord_columns=coord_columns,
-                               section_key=section_key, color_by=color_by, max_points=max_points)
+        layer_data = adata_to_points(adata, name=name or p.stem, spatial_key=spatial_key,
+                                     coord_columns=coord_columns, section_key=section_key, color_by=color_by,
+                                     max_points=max_points)
     except SpatialDataError as exc:
         msg = str(exc)
         # Name the file, not the in-memory object, in messages napari shows to the user.
         if not msg.startswith(str(p)):
             msg = f"{p}: {msg}"
         raise SpatialDataError(msg) from None
+    meta = layer_data[1]["metadata"]
+    if meta["subsampled"]:
+        _notify(f"{p.name}: {meta['n_cells_total']:,} cells; showing a random {len(layer_data[0]):,} for speed "
+                "(training, gene images and exports use every cell).")
+    return layer_data
+
+
+def _notify(message: str) -> None:
+    """An info notification in napari (a no-op when napari is not running this reader)."""
+    try:
+        from napari.utils.notifications import show_info
+    except ImportError:
+        return
+    show_info(message)
