@@ -34,6 +34,8 @@ import traceback
 from functools import wraps
 from pathlib import Path
 
+import napari
+import napari.viewer
 import numpy as np
 import pandas as pd
 from qtpy.QtCore import QTimer
@@ -69,13 +71,13 @@ SYNC_ENV = "NAPARI_SPATIALSSL_SYNC_WORKERS"
 NONE = "(none)"
 AUTO = "auto"
 PREVIEW_EDGE_SAMPLE = 4000  # edges drawn in the "sample of edges" preview
-LOSS_REDRAW_SECONDS = 0.3  # the loss curve is redrawn at most this often while training
+LOSS_REDRAW_SECONDS = 1.0  # the loss curve is redrawn at most this often while training
 
 # names of the preview / result layers (one of each kind, replaced on update)
 EDGES_LAYER = "view: edges"
 EGONET_LAYER = "view: ego-net"
 PATCH_GRID_LAYER = "view: patch grid"
-PATCH_LAYER = "view: patch"
+PATCH_LAYER = "view: one patch"
 MASK_LAYER = "mask preview"
 SELECTION_LAYER = "linked selection"
 
@@ -122,11 +124,12 @@ def _available_methods() -> list[str]:
 class SpatialSSLWidget(QWidget):
     """Self-supervised learning on spatial transcriptomics, from the tissue to exported results."""
 
-    def __init__(self, viewer, parent=None):
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
         self.viewer = viewer
         self.settings = load_settings()
         self._forms: dict[str, ConfigForm] = {}
+        self._masks: dict[str, dict] = {}
         self._graph_cache: dict = {}
         self._dataset_cache: dict = {}
         self._lattice_cache: dict = {}
@@ -343,6 +346,8 @@ class SpatialSSLWidget(QWidget):
         _, sec_names = section_codes(adata, skey)
         lines = [f"{adata.n_obs:,} cells x {adata.n_vars:,} genes; {len(sec_names)} section(s)"
                  + (f" by '{skey}'" if skey else "") + "."]
+        keep = {it.text() for it in self.mask_types.selectedItems()} or set(
+            (self.settings.get("masks", {}).get(self.method) or {}).get("cell_types", []))
         self.mask_types.clear()
         level = "info"
         if self.label_key:
@@ -350,6 +355,8 @@ class SpatialSSLWidget(QWidget):
             counts = np.bincount(codes[codes >= 0], minlength=len(names))
             lines.append(f"Labels '{self.label_key}': {len(names)} classes, {int((codes < 0).sum()):,} unlabelled.")
             self.mask_types.addItems([f"{n}" for n in names])
+            for i in range(self.mask_types.count()):
+                self.mask_types.item(i).setSelected(self.mask_types.item(i).text() in keep)
             if len(names) < 2:
                 lines.append(self._one_class_message(self.label_key, names))
                 level = "warning"
@@ -432,8 +439,41 @@ class SpatialSSLWidget(QWidget):
             old.setParent(None)
         self.form_area.setWidget(form)
         form.show()
+        self._switch_mask(self.method)
         self._update_mask_enabled()
         self._on_params_changed()
+
+    def _switch_mask(self, method: str) -> None:
+        """Each method keeps its own mask settings (defaults: the method's config)."""
+        import dataclasses
+
+        from ..pipeline import make_config
+
+        previous = getattr(self, "_mask_method", None)
+        if previous is not None and previous != method:
+            self._masks[previous] = self.mask_settings()
+        self._mask_method = method
+        values = self._masks.get(method) or self.settings.get("masks", {}).get(method)
+        if values is None:
+            mfield = mask_field_name(make_config(method))
+            values = dataclasses.asdict(getattr(make_config(method), mfield)) if mfield else {}
+        self.set_mask_settings(values)
+
+    def set_mask_settings(self, m: dict) -> None:
+        """Put mask settings (MaskConfig field names) into the Masking section; bad values are skipped."""
+        try:
+            if self.mask_strategy.findText(str(m.get("strategy", ""))) >= 0:
+                self.mask_strategy.setCurrentText(m["strategy"])
+            self.mask_ratio.setValue(float(m.get("ratio", self.mask_ratio.value())))
+            self.niche_hops.setValue(int(m.get("niche_hops", self.niche_hops.value())))
+            self.region_size.setValue(int(m.get("region_size", self.region_size.value())))
+            self.n_regions.setValue(int(m.get("n_regions", self.n_regions.value())))
+        except (TypeError, ValueError):  # a hand-edited settings file: keep what is there
+            pass
+        chosen = set(map(str, m.get("cell_types", []) or []))
+        for i in range(self.mask_types.count()):
+            item = self.mask_types.item(i)
+            item.setSelected(item.text() in chosen)
 
     def _on_params_changed(self, *_):
         self._graph_cache.clear()
@@ -507,31 +547,41 @@ class SpatialSSLWidget(QWidget):
 
     def view_kind(self, cfg) -> str:
         """'graph' (radius / nearest-neighbour graph) or 'patches' (lattice), from the config's fields."""
-        if hasattr(cfg, "patch_size") or hasattr(cfg, "bin_size"):
+        if hasattr(cfg, "patch_size"):
             return "patches"
         return "graph"
 
     def graph(self, cfg=None):
-        """The method's neighbour graph over the slide (the core's builders; per section), cached."""
-        from ..graphs.neighbors import knn_graph, radius_graph, snn_graph
+        """The method's neighbour graph over the slide, cached: the method's own ``build_graph`` when it
+        has one (e.g. spotscape's SNN graph with its derived radius), else the core's radius graph."""
+        from ..graphs.neighbors import radius_graph
+        from ..models.base import get_method_class
 
         cfg = cfg or self.config()
         data = self.dataset(cfg)
-        radius = self._param(cfg, "radius")
-        k = self._param(cfg, "k", "n_neighbors", "k_neighbors", "knn")
-        key = (id(data), self.method, radius, k)
+        key = (id(data), self.method, repr(cfg))
         if key in self._graph_cache:
             return self._graph_cache[key]
-        if self.method == "spotscape" or (k is not None and radius is None):
-            graph = snn_graph(data.coords, int(k or 10), radius, data.section) if self.method == "spotscape" \
-                else knn_graph(data.coords, int(k), data.section)
-        elif radius is not None:
-            graph = radius_graph(data.coords, float(radius), data.section)
+        method = get_method_class(self.method)(cfg)
+        if hasattr(method, "build_graph"):
+            graph = method.build_graph(data)
+        elif self._param(cfg, "radius") is not None:
+            graph = radius_graph(data.coords, float(self._param(cfg, "radius")), data.section)
         else:
-            raise SpatialDataError(f"{self.method}: its settings define no radius or k; no graph to preview.")
+            raise SpatialDataError(f"{self.method}: its settings define no graph to preview.")
         self._graph_cache.clear()
         self._graph_cache[key] = graph
         return graph
+
+    def bin_size(self, cfg) -> float:
+        """The lattice bin side (coordinate units): the configured one, else the core's suggestion."""
+        from ..graphs.lattice import suggest_bin_size
+
+        value = self._param(cfg, "bin_size")
+        if value:
+            return float(value)
+        data = self.dataset(cfg)
+        return suggest_bin_size(data.coords, data.section, factor=float(self._param(cfg, "bin_factor", default=1.0)))
 
     def num_hops(self, cfg) -> int:
         hops = self._param(cfg, "num_hops", "k_hop", "k_hops", "hops")
@@ -558,9 +608,9 @@ class SpatialSSLWidget(QWidget):
         """Refuse patches larger than every section, explaining the sizes in bins."""
         data = self.dataset(cfg)
         patch = self._param(cfg, "patch_size")
-        bin_size = self._param(cfg, "bin_size")
-        if patch is None or bin_size is None:
+        if patch is None:
             return
+        bin_size = self.bin_size(cfg)
         h, w = (patch, patch) if np.isscalar(patch) else tuple(patch)[:2]
         sizes = []
         for s in range(data.n_sections):
@@ -636,7 +686,7 @@ class SpatialSSLWidget(QWidget):
         from ..graphs.lattice import build_lattice
 
         data = self.dataset(cfg)
-        bin_size = float(self._param(cfg, "bin_size"))
+        bin_size = self.bin_size(cfg)
         key = (id(data), bin_size, section)
         if key not in self._lattice_cache:
             self._lattice_cache[key] = build_lattice(data.coords, data.X, bin_size,
@@ -679,14 +729,12 @@ class SpatialSSLWidget(QWidget):
         y0 = lat.origin[1] + origin[0, 0] * b
         corner = tr.apply([[x0 + b / 2, y0 + b / 2]], section)[0]
         scale = tr.length(b, section)
-        self._remove_layers(lambda lay: lay.name.startswith(PATCH_LAYER))
         cmaps = ("magenta", "green", "cyan")
         for c in range(min(3, len(names))):
             img = batch.values[0, :, :, c]
-            self.viewer.add_image(img, name=f"{PATCH_LAYER} channel {c + 1}: {names[c]}", colormap=cmaps[c],
-                                  blending="additive", translate=tuple(corner), scale=(scale, scale),
-                                  contrast_limits=(0.0, float(max(img.max(), 1e-6))),
-                                  metadata={"spatialssl_preview": True})
+            self._set_image(f"patch channel {c + 1}", f"{PATCH_LAYER} channel {c + 1}: {names[c]}", img,
+                            colormap=cmaps[c], blending="additive", translate=tuple(corner), scale=(scale, scale),
+                            contrast_limits=(0.0, float(max(img.max(), 1e-6))))
         self._add_region_mask_preview(cfg, h, w, corner, scale)
         self._preview_kind = "patches"
         text = (f"Patches of {h} x {w} bins (bin {b:g} units); section {data.section_names[section]}: "
@@ -697,20 +745,30 @@ class SpatialSSLWidget(QWidget):
         self.say("Patch grid shown; click a cell to see the patch centred on it.")
 
     def _add_region_mask_preview(self, cfg, h, w, corner, scale) -> None:
-        """With the 'regions' strategy, draw the masked squares over the previewed patch."""
-        from ..masking import regions
+        """Draw the pretext mask over the previewed patch: masked regions, or masked tokens."""
+        from ..masking import random_cells, regions
 
+        name = PATCH_LAYER + " masked"
         ms = self.mask_settings()
-        if ms.get("strategy") != "regions":
-            self._remove_layers(lambda lay: lay.name == PATCH_LAYER + " masked regions")
-            return
         rng = np.random.default_rng(int(self.seed_spin.value()))
-        mask = regions((h, w), int(ms["region_size"]), int(ms["n_regions"]), rng)
+        if ms.get("strategy") == "regions":
+            mask = regions((h, w), int(ms["region_size"]), int(ms["n_regions"]), rng)
+            what = f"{ms['n_regions']} region(s) of {ms['region_size']} x {ms['region_size']} bins"
+        elif ms.get("strategy") == "random_cells":
+            t = int(self._param(cfg, "token_bins", default=1))
+            tokens = random_cells((h // t) * (w // t), float(ms["ratio"]), rng).reshape(h // t, w // t)
+            mask = np.kron(tokens, np.ones((t, t), dtype=bool))
+            what = f"{tokens.sum()} of {tokens.size} tokens ({t} x {t} bins each)"
+        else:
+            if self._find(name) is not None:
+                self._find(name).visible = False
+            return
         r, c = np.nonzero(mask)
         tl = corner[None, :] + (np.stack([r, c], 1) - 0.5) * scale
         rects = np.stack([tl, tl + [0, scale], tl + [scale, scale], tl + [scale, 0]], 1)
-        self._set_shapes(PATCH_LAYER + " masked regions", rects, edge_color="transparent",
-                         face_color=[1.0, 0.2, 0.2, 0.45], edge_width=0)
+        self._set_shapes(name, rects, edge_color="transparent", face_color=[1.0, 0.2, 0.2, 0.45], edge_width=0)
+        self.mask_summary.setText(f"Masked in the previewed patch (red): {what}. A new mask is drawn for every "
+                                  "patch and step.")
 
     def _on_click(self, viewer, event):
         """Clicking near a cell of the slide layer previews that cell (after a preview was drawn)."""
@@ -819,12 +877,10 @@ class SpatialSSLWidget(QWidget):
         rng = np.random.default_rng(int(self.seed_spin.value()))
         pos = self.cell_positions()
         size = float(self.data_layer.size.mean())
-        if ms.strategy == "regions":
+        if self.view_kind(cfg) == "patches":
             self.check_patches(cfg)
             self._preview_patches(cfg, cell=self._clicked_cell)
-            self.mask_summary.setText(
-                f"'regions' masks {ms.n_regions} square(s) of {ms.region_size} x {ms.region_size} bins in every "
-                "patch: shown in red over the previewed patch (View).")
+            self.say(self.mask_summary.text())
             return
         if ms.strategy == "gene_channels":
             frac = gene_channels(data.n_cells, data.n_genes, ms.ratio, rng).mean(1)
@@ -1155,19 +1211,7 @@ class SpatialSSLWidget(QWidget):
 
     def _adopt_result(self, method: str, output) -> None:
         """Make the result AnnData the slide's AnnData (so every export holds every result) and add layers."""
-        from .layers import obs_to_features
-
-        layer = self.data_layer
-        if layer is not None and layer.metadata.get("adata") is not None and \
-                layer.metadata["adata"].n_obs == output.adata.n_obs:
-            rows = self._layer_rows(layer)
-            layer.metadata["adata"] = output.adata
-            feats = obs_to_features(output.adata.obs, rows)
-            old = layer.features
-            for col in old.columns:  # keep per-layer extras (e.g. gene colours) the obs do not have
-                if col not in feats.columns:
-                    feats[col] = old[col].to_numpy()
-            layer.features = feats
+        self._sync_slide_features(output)
         if self.result_combo.findText(method) < 0:
             self.result_combo.addItem(method)
         self.result_combo.setCurrentText(method)
@@ -1185,6 +1229,22 @@ class SpatialSSLWidget(QWidget):
         self.viewer.reset_view()
         self.show_metrics(method)
         self._refresh_export_choices()
+
+    def _sync_slide_features(self, output) -> None:
+        """The slide layer carries the result AnnData and its obs as features (what the writer exports)."""
+        from .layers import obs_to_features
+
+        layer = self.data_layer
+        if layer is None or layer.metadata.get("adata") is None or \
+                layer.metadata["adata"].n_obs != output.adata.n_obs:
+            return
+        layer.metadata["adata"] = output.adata
+        feats = obs_to_features(output.adata.obs, self._layer_rows(layer))
+        old = layer.features
+        for col in old.columns:  # keep per-layer extras (e.g. gene colours) the obs do not have
+            if col not in feats.columns:
+                feats[col] = old[col].to_numpy()
+        layer.features = feats
 
     @staticmethod
     def _layer_rows(layer) -> np.ndarray:
@@ -1374,7 +1434,13 @@ class SpatialSSLWidget(QWidget):
             labels, k = gmm_bic(emb, seed=int(self.seed_spin.value()))
             how = f"Gaussian mixture, K = {k} chosen by BIC"
         output.adata.obs[f"{method}_domain"] = pd.Categorical(labels.astype(int).astype(str))
-        self._adopt_result(method, output)
+        self._sync_slide_features(output)
+        self.show_categories(method)
+        plot = [lay for lay in self._result_layers.get(method, []) if lay.metadata.get("spatialssl_embedding_2d")]
+        if plot:
+            colors, _ = overlays.category_colors(output.adata.obs[f"{method}_domain"].to_numpy()[
+                plot[0].features["cell_index"].to_numpy()])
+            plot[0].face_color = colors
         self.show_metrics(method)
         self.say(f"{method}: {k} spatial domains ({how}).")
 
@@ -1523,30 +1589,69 @@ class SpatialSSLWidget(QWidget):
         for lay in [lay for lay in self.viewer.layers if predicate(lay)]:
             self.viewer.layers.remove(lay)
 
+    # Layers are updated in place: removing a layer makes napari run a full garbage collection
+    # (about a second with torch loaded), which would stall every click on the tissue.
     def _set_points(self, name: str, data, **kwargs):
-        """Add the Points layer `name`, or replace its points and style when it exists."""
+        """Add the Points layer `name`, or update its points, features and style in place."""
+        from napari.layers import Points
+
         layer = self._find(name)
         data = np.asarray(data, dtype=np.float64).reshape(-1, 2)
-        if layer is not None:
-            self.viewer.layers.remove(layer)
         kwargs.setdefault("border_width", 0)
         meta = kwargs.pop("metadata", {})
-        layer = self.viewer.add_points(data, name=name, metadata=meta, **kwargs)
+        if not isinstance(layer, Points):
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            return self.viewer.add_points(data, name=name, metadata=meta, **kwargs)
+        features = kwargs.pop("features", None)
+        layer.selected_data = set()
+        if len(layer.data) != len(data) or not np.array_equal(layer.data, data):
+            layer.data = data
+        if features is not None:
+            layer.features = features
+        for key in ("size", "border_color", "border_width", "face_color", "visible"):
+            if key in kwargs:
+                setattr(layer, key, kwargs.pop(key))
+        for key, value in kwargs.items():
+            setattr(layer, key, value)
+        layer.metadata.update(meta)
         return layer
 
     def _set_vectors(self, name: str, vectors, color, width):
         layer = self._find(name)
         if layer is not None:
-            self.viewer.layers.remove(layer)
+            layer.data = vectors
+            layer.edge_color = color
+            layer.edge_width = float(width)
+            layer.visible = True
+            return layer
         return self.viewer.add_vectors(vectors, name=name, edge_color=color, edge_width=float(width),
                                        vector_style="line", metadata={"spatialssl_preview": True})
 
     def _set_shapes(self, name: str, rects, **kwargs):
         layer = self._find(name)
-        if layer is not None:
-            self.viewer.layers.remove(layer)
-        return self.viewer.add_shapes(list(rects), shape_type="rectangle", name=name,
-                                      metadata={"spatialssl_preview": True}, **kwargs)
+        if layer is None:
+            return self.viewer.add_shapes(list(rects), shape_type="rectangle", name=name,
+                                          metadata={"spatialssl_preview": True}, **kwargs)
+        layer.data = []
+        if len(rects):
+            layer.add_rectangles(list(rects), **{k: v for k, v in kwargs.items()
+                                                 if k in ("edge_color", "face_color", "edge_width")})
+        layer.visible = True
+        return layer
+
+    def _set_image(self, key: str, name: str, image, **kwargs):
+        """Add or update the Image layer tagged `key` in its metadata (renamed to `name`)."""
+        for layer in self.viewer.layers:
+            if layer.metadata.get("spatialssl_image") == key:
+                layer.data = image
+                layer.name = name
+                for attr, value in kwargs.items():
+                    setattr(layer, attr, value)
+                layer.visible = True
+                return layer
+        return self.viewer.add_image(image, name=name, metadata={"spatialssl_preview": True,
+                                                                 "spatialssl_image": key}, **kwargs)
 
     @staticmethod
     def _values_to_rgba(values: np.ndarray, cmap: str) -> np.ndarray:
@@ -1566,13 +1671,16 @@ class SpatialSSLWidget(QWidget):
         params = dict(self.settings.get("params", {}))
         for method, form in self._forms.items():
             params[method] = form.overrides()
-        ms = self.mask_settings()
+        masks = dict(self.settings.get("masks", {}))
+        masks.update(self._masks)
+        if self.method:
+            masks[self.method] = self.mask_settings()
         return {
             "method": self.method,
             "params": params,
+            "masks": masks,
             "train": {"epochs": self.epochs_spin.value(), "lr": self.lr_edit.text(), "seed": self.seed_spin.value(),
                       "device": self.device_combo.currentText(), "k": self.k_spin.value()},
-            "mask": ms,
             "data": {"section_key": self.section_combo.currentText(), "label_key": self.label_combo.currentText(),
                      "domain_key": self.domain_key_combo.currentText()},
         }
@@ -1594,13 +1702,6 @@ class SpatialSSLWidget(QWidget):
             if self.device_combo.findText(str(t.get("device", "auto"))) >= 0:
                 self.device_combo.setCurrentText(str(t.get("device", "auto")))
             self.k_spin.setValue(int(t.get("k", 0)))
-            m = s.get("mask", {})
-            if self.mask_strategy.findText(str(m.get("strategy", ""))) >= 0:
-                self.mask_strategy.setCurrentText(m["strategy"])
-            self.mask_ratio.setValue(float(m.get("ratio", self.mask_ratio.value())))
-            self.niche_hops.setValue(int(m.get("niche_hops", self.niche_hops.value())))
-            self.region_size.setValue(int(m.get("region_size", self.region_size.value())))
-            self.n_regions.setValue(int(m.get("n_regions", self.n_regions.value())))
         except (TypeError, ValueError):  # a hand-edited settings file: keep the defaults
             pass
         self._update_mask_enabled()

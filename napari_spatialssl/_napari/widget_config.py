@@ -98,7 +98,7 @@ class ConfigForm(QWidget):
                 out[name] = int(w.value())
             else:
                 text = w.text().strip()
-                out[name] = "none" if text == "" else text
+                out[name] = "none" if text == "" else _typed_list(text, self.types[name])
         return out
 
     def set_values(self, values: dict) -> None:
@@ -126,6 +126,21 @@ class ConfigForm(QWidget):
             if name.split(".")[-1] == leaf:
                 return name
         return None
+
+
+def _typed_list(text: str, tp):
+    """'2,4,8' -> [2, 4, 8] for a list[int] setting (the core's text coercion keeps list items as text);
+    anything else, or a value that does not parse, is left as text for the core to coerce or refuse."""
+    if typing.get_origin(tp) not in (list, tuple):
+        return text
+    args = typing.get_args(tp)
+    item = args[0] if args else str
+    if item not in (int, float):
+        return text
+    try:
+        return [item(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        return text
 
 
 def _as_text(value) -> str:

@@ -47,19 +47,25 @@ class LossCurve(QWidget):
             self.val_losses.append(float(val_loss))
 
     def _redraw(self) -> None:
+        """Update the three lines in place (no re-plot): cheap enough to run while training."""
         ax = self.axes
-        ax.clear()
-        if self.steps:
-            ax.plot(self.steps, self.step_losses, lw=0.8, color="#7aa6c2", label="step")
-        if self.epoch_x:
-            ax.plot(self.epoch_x, self.epoch_losses, "o-", ms=3, color="#1f77b4", label="epoch mean")
-        if self.val_x:
-            ax.plot(self.val_x, self.val_losses, "s--", ms=3, color="#d62728", label="validation")
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if self.steps or self.epoch_x:
+        if not hasattr(self, "_lines"):
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel("loss", fontsize=8)
+            ax.tick_params(labelsize=7)
+            self._lines = (
+                ax.plot([], [], lw=0.8, color="#7aa6c2", label="step")[0],
+                ax.plot([], [], "o-", ms=3, color="#1f77b4", label="epoch mean")[0],
+                ax.plot([], [], "s--", ms=3, color="#d62728", label="validation")[0],
+            )
             ax.legend(fontsize=7, loc="upper right")
+        step, epoch, val = self._lines
+        step.set_data(self.steps, self.step_losses)
+        epoch.set_data(self.epoch_x, self.epoch_losses)
+        val.set_data(self.val_x, self.val_losses)
+        if self.steps or self.epoch_x:
+            ax.relim()
+            ax.autoscale_view()
         self.canvas.draw_idle()
 
     def refresh(self) -> None:
