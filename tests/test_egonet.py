@@ -84,6 +84,18 @@ def test_batches_cover_cells_once_and_shuffle_is_seeded():
     # ego-nets of one section never reach another
     for b in sampler.batches(cells, 500):
         assert (section[b.nodes] == 1).all()
+    # auto precomputation: not for single samples, at the first multi-batch pass, within budget
+    auto = EgoNetSampler(graph, 2)
+    first = auto.sample(cells[:50])
+    assert auto._reach is None
+    list(auto.batches(cells, 100))
+    assert auto._reach is not None
+    again = auto.sample(cells[:50])
+    np.testing.assert_array_equal(first.nodes, again.nodes)
+    assert (first.membership != again.membership).nnz == 0
+    tight = EgoNetSampler(graph, 2, max_reach_entries=10)
+    list(tight.batches(cells, 100))
+    assert tight._reach is None
     zero = EgoNetSampler(graph, 0).sample(cells[:5])
     np.testing.assert_array_equal(zero.nodes, np.sort(cells[:5]))
     with pytest.raises(IndexError):

@@ -46,8 +46,10 @@ class EgoNetSampler:
     def __init__(self, graph: CellGraph, num_hops: int, *, precompute: bool | None = None,
                  max_reach_entries: float = 5e7):
         """`precompute`: build the k-hop reachability matrix (A + I)^k once, so a batch is a row
-        gather; None = when its estimated size (cells x mean ego-net size) is at most
-        `max_reach_entries` (5e7 entries, ~250 MB). Otherwise each batch takes k sparse products."""
+        gather. None (auto) = build it at the first :meth:`batches` call (a pass over many cells)
+        when its estimated size (cells x mean ego-net size) is at most `max_reach_entries` (5e7
+        entries, ~250 MB); single :meth:`sample` calls before that, and graphs too large for the
+        budget, take k sparse products per batch. Not thread-safe (one scratch array per sampler)."""
         if num_hops < 0:
             raise ValueError(f"num_hops must be >= 0, got {num_hops}")
         self.graph = graph
@@ -61,17 +63,27 @@ class EgoNetSampler:
         self._step = (self._adj + sp.identity(n, dtype=np.bool_, format="csr")).tocsr()
         self._local = np.full(n, -1, dtype=np.int64)  # scratch: global -> local id, reset after use
         self._reach = None
-        if self.num_hops >= 1 and n and precompute is not False:
-            if precompute is None:
-                probe = np.random.default_rng(0).choice(n, size=min(n, 256), replace=False)
-                mean_size = self._expand(probe).nnz / len(probe)
-                precompute = n * mean_size <= max_reach_entries
-            if precompute:
-                reach = self._step
-                for _ in range(self.num_hops - 1):
-                    reach = reach @ self._step
-                reach.sort_indices()
-                self._reach = reach
+        self._precompute = precompute
+        self._max_reach_entries = float(max_reach_entries)
+        if precompute:
+            self._build_reach()
+
+    def _build_reach(self) -> None:
+        """(A + I)^k once, when asked or (auto) when cells x mean ego-net size fits the budget."""
+        n = self.graph.n_nodes
+        if self._reach is not None or self.num_hops < 1 or n == 0 or self._precompute is False:
+            return
+        if self._precompute is None:
+            probe = np.random.default_rng(0).choice(n, size=min(n, 256), replace=False)
+            mean_size = self._expand(probe).nnz / len(probe)
+            if n * mean_size > self._max_reach_entries:
+                self._precompute = False
+                return
+        reach = self._step
+        for _ in range(self.num_hops - 1):
+            reach = reach @ self._step
+        reach.sort_indices()
+        self._reach = reach
 
     def _expand(self, centers: np.ndarray) -> sp.csr_matrix:
         """(B, n) boolean CSR: row b = nodes within num_hops of centre b (sorted indices)."""
@@ -122,6 +134,8 @@ class EgoNetSampler:
                 rng: np.random.Generator | None = None) -> Iterator[EgoNetBatch]:
         """Ego-net batches covering every cell of `cells` once."""
         cells = np.asarray(cells, dtype=np.int64)
+        if len(cells) > batch_size:
+            self._build_reach()
         if shuffle:
             cells = (rng or np.random.default_rng()).permutation(cells)
         for start in range(0, len(cells), batch_size):
