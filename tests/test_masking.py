@@ -104,3 +104,26 @@ def test_config_validation():
         MaskConfig(strategy="regions", region_size=0).validate()
     with pytest.raises(SpatialDataError, match="per-cell"):
         draw_cell_mask(MaskConfig(strategy="regions"), 10, np.random.default_rng(0))
+
+
+def test_patch_and_gene_masks_on_real_merfish_views(shared_data):
+    from napari_spatialssl.data.dataset import SpatialDataset
+    from napari_spatialssl.graphs.lattice import build_lattices, random_origins, sample_patches
+
+    adata = read_h5ad(shared_data("merfish_hypothalamus_2sections.h5ad"))
+    data = SpatialDataset.from_anndata(adata, section_key="section")
+    lat = build_lattices(data, 20.0)[0]
+    rng = np.random.default_rng(0)
+    batch = sample_patches(lat, random_origins(lat, 64, 16, 16, 0.5, rng), 16, 16, 32, rng)
+    cfg = MaskConfig(strategy="regions", region_size=6, n_regions=2)
+    m = draw_patch_mask(cfg, len(batch), (16, 16), rng)
+    assert m.shape == batch.occupancy.shape
+    hidden = np.where(m[..., None], 0.0, batch.values)  # what a model would see
+    assert (hidden[m] == 0).all() and np.array_equal(hidden[~m], batch.values[~m])
+    assert (m & batch.occupancy).sum() > 0  # squares fall on tissue
+    g = draw_gene_mask(MaskConfig(strategy="gene_channels", ratio=0.25), data.n_cells, data.n_genes, rng)
+    assert g.shape == (data.n_cells, data.n_genes) and abs(g.mean() - 0.25) < 0.01
+    r = draw_cell_mask(MaskConfig(), data.n_cells, rng)
+    assert r.sum() == round(0.2 * data.n_cells)
+    for s in range(data.n_sections):  # a uniform 20% in each section, roughly
+        assert abs(r[data.section == s].mean() - 0.2) < 0.03
