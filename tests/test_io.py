@@ -68,6 +68,13 @@ def test_coordinates_from_obs_columns(tmp_path):
     a.obs["py"] = a.obsm["spatial"][:, 1] + 2
     data, _, _ = L.adata_to_points(a, coord_columns=("px", "py"))
     np.testing.assert_allclose(data, L.xy_to_rowcol(a.obsm["spatial"] + [1, 2]), rtol=1e-6)
+    # a file without obsm['spatial'] but with center_x / center_y columns opens as is
+    xy = a.obsm["spatial"].copy()
+    del a.obsm["spatial"]
+    a.obs["center_x"], a.obs["center_y"] = xy[:, 0], xy[:, 1]
+    data, kw, _ = read_slide(_write(a, tmp_path / "obs_xy.h5ad"))
+    np.testing.assert_allclose(data, L.xy_to_rowcol(xy), rtol=1e-6)
+    assert kw["metadata"]["coord_columns"] == ["center_x", "center_y"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

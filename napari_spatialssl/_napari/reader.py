@@ -30,12 +30,35 @@ def read_slides(path: str | list[str]) -> list[LayerData]:
     return [read_slide(p) for p in paths]
 
 
+# obs column pairs (x, y) used when a file has no obsm['spatial'] (common exports of imaging platforms).
+COORD_COLUMN_CANDIDATES = (
+    ("x", "y"), ("X", "Y"), ("center_x", "center_y"), ("x_centroid", "y_centroid"), ("global_x", "global_y"),
+    ("x_um", "y_um"), ("centroid_x", "centroid_y"), ("spatial_x", "spatial_y"),
+)
+
+
+def detect_coord_columns(adata, spatial_key: str = "spatial") -> tuple[str, str] | None:
+    """None when ``obsm[spatial_key]`` exists; else the first known (x, y) obs column pair, or None."""
+    if spatial_key in adata.obsm:
+        return None
+    for pair in COORD_COLUMN_CANDIDATES:
+        if all(c in adata.obs.columns for c in pair):
+            return pair
+    return None
+
+
 def read_slide(path: str | os.PathLike, *, section_key: str | None = "auto", color_by: str | None = "auto",
-               spatial_key: str = "spatial", coord_columns=None, max_points: int = DEFAULT_MAX_POINTS,
+               spatial_key: str = "spatial", coord_columns="auto", max_points: int = DEFAULT_MAX_POINTS,
                name: str | None = None) -> LayerData:
-    """Points layer data for one slide file. Raises :class:`SpatialDataError` with a clear message."""
+    """Points layer data for one slide file. Raises :class:`SpatialDataError` with a clear message.
+
+    ``coord_columns='auto'`` uses ``obsm[spatial_key]`` and, only when that is missing, a known pair of obs
+    columns such as ``x``/``y`` or ``center_x``/``center_y``; pass two names to choose, None to require obsm.
+    """
     p = Path(path)
     adata = read_h5ad(p)
+    if isinstance(coord_columns, str) and coord_columns == "auto":
+        coord_columns = detect_coord_columns(adata, spatial_key)
     try:
         layer_data = adata_to_points(adata, name=name or p.stem, spatial_key=spatial_key,
                                      coord_columns=coord_columns, section_key=section_key, color_by=color_by,
