@@ -82,6 +82,8 @@ def test_rasterize_mean_sum_orientation_and_aspect():
     assert org == (110.0, 50.0) and g2.shape == (4, 5, 1)
     np.testing.assert_allclose(rasterize(coords, values[:, 0], 10.0, origin=(110.0, 50.0), shape=(4, 5),
                                          agg="sum")[0].sum(), values[inside, 0].sum(), rtol=1e-4)
+    gs, os_, _, _ = rasterize(coords, sp.csr_matrix(values), 10.0)  # sparse values accepted
+    np.testing.assert_allclose(gs, grid, atol=1e-6)
     with pytest.raises(SpatialDataError):
         rasterize(coords, values, 0.0)
     with pytest.raises(SpatialDataError):

@@ -79,7 +79,8 @@ def rasterize(coords: np.ndarray, values: np.ndarray, bin_size: float, origin=No
     Parameters
     ----------
     coords : (n, 2) x, y in the data's units (micrometres).
-    values : (n,) or (n, C) dense per-cell values (expression, labels as one-hot, embeddings...).
+    values : (n,) or (n, C) per-cell values (expression, labels as one-hot, embeddings...); a
+        scipy sparse (n, C) matrix is accepted too (the grid itself is dense: keep C small).
     bin_size : side of a bin, in the coordinates' units.
     origin : (x0, y0) physical position of the top-left corner of bin (0, 0); default the
         coordinates' minimum.
@@ -93,7 +94,7 @@ def rasterize(coords: np.ndarray, values: np.ndarray, bin_size: float, origin=No
     """
     if agg not in AGGREGATIONS:
         raise SpatialDataError(f"agg must be one of {AGGREGATIONS}, got {agg!r}.")
-    values = np.asarray(values)
+    values = sp.csr_matrix(values) if sp.issparse(values) else np.asarray(values)
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or values.shape[0] != len(coords):
@@ -102,12 +103,13 @@ def rasterize(coords: np.ndarray, values: np.ndarray, bin_size: float, origin=No
         )
     row, col, inside, origin, (H, W) = _grid_geometry(coords, bin_size, origin, shape)
     flat = row[inside] * W + col[inside]
-    vals = values[inside].astype(np.float32, copy=False)
+    vals = values[np.flatnonzero(inside)]
     grid = np.zeros((H * W, values.shape[1]), dtype=np.float32)
     occupancy = np.zeros(H * W, dtype=bool)
     if len(flat):
         op, occupied, _ = _bin_operator(flat, H * W, agg)
-        grid[occupied] = np.asarray(op @ vals, dtype=np.float32)
+        agg_vals = op @ (vals.astype(np.float32) if sp.issparse(vals) else vals.astype(np.float32, copy=False))
+        grid[occupied] = agg_vals.toarray() if sp.issparse(agg_vals) else np.asarray(agg_vals, dtype=np.float32)
         occupancy[occupied] = True
     return grid.reshape(H, W, -1), occupancy.reshape(H, W), origin, float(bin_size)
 
@@ -179,12 +181,12 @@ class Lattice:
 
 def build_lattice(coords: np.ndarray, X, bin_size: float, *, cells: np.ndarray | None = None,
                   section: int = 0) -> Lattice:
-    """Lattice of the cells `cells` (global ids; default all) of one section.
+    """Lattice of the cells `cells` (global ids, kept sorted; default all) of one section.
 
     ``X`` is the whole slide's preprocessed expression (CSR or dense); only the section's rows
     are read and they are aggregated as a sparse product, never densified as a whole.
     """
-    cells = np.arange(len(coords)) if cells is None else np.asarray(cells, dtype=np.int64)
+    cells = np.arange(len(coords)) if cells is None else np.unique(np.asarray(cells, dtype=np.int64))
     if len(cells) == 0:
         raise SpatialDataError(f"section {section} has no cells; cannot build its lattice.")
     pts = np.asarray(coords, dtype=np.float64)[cells]
