@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     overrides = [f"epochs={args.epochs}", "eval.n_domains=7", "eval.domain_key=layer", "data.label_key=layer",
                  "data.section_key=sample_id", "holdout_fraction=0.2", "reconstruction_layer=false", *args.set]
     runs = []
+    load_start = os.getloadavg()
     for seed in args.seeds:
         cfg = make_config("patch-mae", overrides + [f"seed={seed}"])
         t0 = time.perf_counter()
@@ -137,7 +138,8 @@ def main(argv=None) -> dict:
         sys.stdout.flush()
     summary = summarise(runs)
     print(json.dumps(summary, indent=1))
-    result = {"config_overrides": overrides, "threads": args.threads, "runs": runs, "summary": summary}
+    result = {"config_overrides": overrides, "threads": args.threads, "runs": runs, "summary": summary,
+              "load_average_start": load_start, "load_average_end": os.getloadavg()}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=float))

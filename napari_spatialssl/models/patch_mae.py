@@ -13,7 +13,9 @@ Model (models/vit.py). A token is a bin (or a ``token_bins`` x ``token_bins`` gr
 embedding projects every channel value onto a learned embedding of that channel's gene and sums,
 so patches with different gene subsets share one model; fixed 2-D sin-cos positions. The encoder
 sees only visible, occupied tokens; a light decoder fills in the masked ones and predicts the
-patch's m channel values through a per-gene readout. Pretext: ``mask.ratio`` (default 0.75) of
+patch's m channel values through a per-gene readout, added to a context base computed from the
+visible bins only (``residual_readout``: 'local' = Gaussian-weighted mean of the visible occupied
+bins around each bin with a learned bandwidth, 'patch_mean', or 'none'). Pretext: ``mask.ratio`` (default 0.75) of
 each patch's occupied tokens masked at random (``mask.strategy='random_cells'``) or square regions
 (``'regions'``: ``mask.n_regions`` squares of ``mask.region_size`` tokens). Loss: mean squared
 error on the masked, occupied bins only, in the preprocessed expression space (normalised +
@@ -43,7 +45,8 @@ Results (keys of models/base.py):
 
 Metrics: ``reconstruction`` (masked-region MSE / MAE on held-out tiles for square masks of
 ``eval_mask_sizes`` bins, against zeros, the patch's unmasked mean, nearest-unmasked-bin and
-inverse-distance interpolation on the same masks), ``domains`` (ari, nmi, accuracy, per_section),
+inverse-distance interpolation on the same masks; plus ``context_base``, the model's own residual
+base without the decoder, to show what the decoder adds), ``domains`` (ari, nmi, accuracy, per_section),
 ``probes`` (k-NN and MLP on a stated fraction of labelled cells; accuracy, macro F1, ARI).
 """
 
