@@ -109,6 +109,14 @@ def cmd_fit(args) -> int:
     adata = read_h5ad(args.data)
     out = Pipeline(args.method, cfg).fit(adata, args.out, overwrite=args.overwrite, progress=not args.quiet)
     summary = {k: out.metrics[k] for k in ("method", "seed", "device", "train_seconds", "epochs")}
+    # headline figures when the method reports them (see metrics.json for everything)
+    rec, ct = out.metrics.get("reconstruction") or {}, out.metrics.get("cell_type") or {}
+    if "masked_mse" in rec:
+        summary["masked_mse"] = rec["masked_mse"]
+        summary["masked_mse_baselines"] = rec.get("baselines", {})
+    if "macro_f1" in ct:
+        summary["macro_f1"] = ct["macro_f1"]
+        summary["macro_f1_baselines"] = {k: v.get("macro_f1") for k, v in ct.get("baselines", {}).items()}
     print(json.dumps(summary))
     print(f"results written to {Path(args.out).resolve()}")
     return 0

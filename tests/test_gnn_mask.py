@@ -54,7 +54,7 @@ def _method(adata, **over):
 @pytest.mark.parametrize("encoder", ["gcn", "gat"])
 def test_egonet_centre_outputs_equal_whole_graph(starmap, encoder):
     whole, data = _method(starmap, encoder=encoder, graph_mode="whole", radius=300)
-    ego, _ = _method(starmap, encoder=encoder, graph_mode="egonet", radius=300, batch_size=97)
+    ego, _ = _method(starmap, encoder=encoder, graph_mode="egonet", radius=300, batch_size=400)
     ego.model.load_state_dict(whole.model.state_dict())
     cells = np.arange(data.n_cells)
     mask = np.zeros(data.n_cells, bool)
@@ -172,7 +172,7 @@ def test_fit_results_metrics_and_unknown_labels(starmap):
 
 def test_egonet_full_finetune_gat(starmap):
     out = fit(starmap, "gnn-mask", overrides={
-        **FAST, "encoder": "gat", "graph_mode": "egonet", "batch_size": 512, "data.section_key": "sample_id",
+        **FAST, "encoder": "gat", "graph_mode": "egonet", "batch_size": 1024, "data.section_key": "sample_id",
         "data.label_key": "ct", "data.ignore_labels": "Ambiguous", "finetune.mode": "full"})
     assert out.metrics["graph_mode"] == "egonet"
     assert out.metrics["cell_type"]["test_sections"] == [BZ14]  # default: the last section held out
@@ -190,7 +190,7 @@ def test_one_section_split_and_no_labels(osmfish_path):
 
 def test_pretraining_learns_better_than_baselines(starmap):
     """A modest run must beat the training-mean reconstruction on held-out masked cells."""
-    out = fit(starmap, "gnn-mask", overrides={"epochs": 40, "hidden_dims": "64,32", "data.section_key": "sample_id", "radius": 300,
+    out = fit(starmap, "gnn-mask", overrides={"epochs": 30, "hidden_dims": "32,16", "data.section_key": "sample_id", "radius": 300,
                                               "seed": 1})
     rec = out.metrics["reconstruction"]
     assert rec["masked_mse"] < rec["baselines"]["train_mean"]

@@ -81,14 +81,14 @@ class FinetuneConfig:
     epochs / lr / weight_decay / patience: as in TrainConfig, for this stage.
     """
 
-    mode: str = "full"
-    epochs: int = 150
-    lr: float = 1e-3
+    mode: str = "linear"
+    epochs: int = 200
+    lr: float = 5e-3
     weight_decay: float = 1e-4
-    patience: int = 20
-    class_weights: str = "balanced"
+    patience: int = 40
+    class_weights: str = "sqrt"
     val_fraction: float = 0.15
-    batch_size: int = 4096  # cells per step of the linear probe (on precomputed embeddings)
+    batch_size: int = 256  # cells per step of the linear probe (on precomputed embeddings)
     # early stopping on the validation cells: 'macro_f1' (stops on 1 - macro F1) or 'loss' (weighted CE)
     early_stop_metric: str = "macro_f1"
 
@@ -98,10 +98,10 @@ class GnnMaskConfig(TrainConfig):
     """Settings of gnn-mask. Distances (radius) are in the coordinates' units (micrometres for
     MERFISH / osmFISH / STARmap)."""
 
-    epochs: int = 300
+    epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 30
+    patience: int = 15
     data: DataConfig = field(default_factory=_default_data)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -114,14 +114,14 @@ class GnnMaskConfig(TrainConfig):
     num_hops: int | None = None  # egonet mode: None = number of GNN layers (exact)
     # encoder
     encoder: str = "gcn"  # gcn | gat
-    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 64])
     heads: int = 4  # gat only; each hidden dim must be divisible by it
     dropout: float = 0.2
     norm: str = "layer"  # layer | batch | none
     residual: bool = True
     # decoder + mask token
     decoder: str = "mlp"  # mlp | linear
-    decoder_hidden: int = 256
+    decoder_hidden: int = 128
     mask_token: str = "learned"  # learned | zeros
     standardize_input: bool = True  # encoder input = (x - mean) / s.d. of the training cells' genes
     head_skip: bool = True  # classifier head reads [embedding, the cell's own standardised input]
