@@ -267,3 +267,13 @@ def test_training_beats_the_patch_mean_on_held_out_tiles(slide):
     assert rc["masked_mse"] < rc["baselines"]["patch_mean"]
     hist = out.train_result.history
     assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+
+
+def test_small_panels_use_every_gene_as_a_channel(slide):
+    cfg = make_config("patch-mae", FAST + ["n_channels=256"])
+    method = PatchMAE(cfg)
+    method.prepare(dataset_from_config(slide, cfg))
+    batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
+    assert batch.patches.genes.shape[1] == slide.n_vars
+    assert (batch.patches.genes == np.arange(slide.n_vars)).all()
+    assert len(method.channel_genes) == slide.n_vars
