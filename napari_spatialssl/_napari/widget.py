@@ -963,6 +963,7 @@ class SpatialSSLWidget(QWidget):
         self.load_model_button = QPushButton("Load model and predict…")
         self.load_model_button.clicked.connect(self._load_model_dialog)
         lay.addWidget(hbox(self.save_model_button, self.load_model_button))
+        lay.addStretch(1)
         for w in (self.epochs_spin, self.seed_spin, self.k_spin):
             w.valueChanged.connect(self._schedule_save)
         self.lr_edit.textChanged.connect(self._schedule_save)
@@ -1165,6 +1166,7 @@ class SpatialSSLWidget(QWidget):
         tab = QWidget()
         lay = QVBoxLayout(tab)
         self.result_combo = QComboBox()
+        self.result_combo.setMinimumContentsLength(10)
         lay.addWidget(hbox(QLabel("Results of"), self.result_combo))
         self.result_gene_combo = QComboBox()
         self.result_gene_combo.setEditable(True)
@@ -1197,6 +1199,7 @@ class SpatialSSLWidget(QWidget):
         self.metrics_text.setMaximumHeight(170)
         lay.addWidget(QLabel("Metrics"))
         lay.addWidget(self.metrics_text)
+        lay.addStretch(1)
         self.tabs.addTab(tab, "5 Results")
 
     @property
@@ -1291,6 +1294,8 @@ class SpatialSSLWidget(QWidget):
         method = method or self.result_method
         output = self.result(method)
         gene = gene or self.result_gene_combo.currentText()
+        if self.result_gene_combo.currentText() != gene:
+            self.result_gene_combo.setCurrentText(gene)
         key = f"{method}_reconstruction"
         if key not in output.adata.layers:
             raise SpatialDataError(f"{method} gave no reconstruction (layers['{key}'] missing).")
@@ -1503,8 +1508,8 @@ class SpatialSSLWidget(QWidget):
                 positions.append(np.asarray(layer.data)[hit])
         pts = np.concatenate(positions) if positions else np.zeros((0, 2))
         size = float(self.data_layer.size.mean()) * 2.2 if self.data_layer is not None else 1.0
-        layer = self._set_points(SELECTION_LAYER, pts, face_color="transparent", border_color="#ffff00",
-                                 border_width=0.2, size=size, features=pd.DataFrame(
+        layer = self._set_points(SELECTION_LAYER, pts, face_color=[1.0, 1.0, 0.0, 0.25], border_color="#ffff00",
+                                 border_width=0.25, size=size, visible=True, features=pd.DataFrame(
                                      {"cell_index": np.tile(cells, max(len(positions), 1))[:len(pts)]}))
         if len(cells):
             self.say(f"{len(cells):,} cells selected; ringed in yellow on the tissue and in the 2-D plot.")
@@ -1604,7 +1609,11 @@ class SpatialSSLWidget(QWidget):
                 self.viewer.layers.remove(layer)
             return self.viewer.add_points(data, name=name, metadata=meta, **kwargs)
         features = kwargs.pop("features", None)
-        layer.selected_data = set()
+        syncing, self._syncing = self._syncing, True  # a redraw is not a user's selection
+        try:
+            layer.selected_data = set()
+        finally:
+            self._syncing = syncing
         if len(layer.data) != len(data) or not np.array_equal(layer.data, data):
             layer.data = data
         if features is not None:
