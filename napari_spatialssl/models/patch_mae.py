@@ -52,7 +52,6 @@ base without the decoder, to show what the decoder adds), ``domains`` (ari, nmi,
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
