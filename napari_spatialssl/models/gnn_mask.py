@@ -81,9 +81,9 @@ class FinetuneConfig:
     epochs / lr / weight_decay / patience: as in TrainConfig, for this stage.
     """
 
-    mode: str = "linear"
+    mode: str = "full"
     epochs: int = 200
-    lr: float = 5e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 40
     class_weights: str = "sqrt"
@@ -124,7 +124,7 @@ class GnnMaskConfig(TrainConfig):
     decoder_hidden: int = 128
     mask_token: str = "learned"  # learned | zeros
     standardize_input: bool = True  # encoder input = (x - mean) / s.d. of the training cells' genes
-    head_skip: bool = True  # classifier head reads [embedding, the cell's own standardised input]
+    head_skip: bool = False  # True: the classifier head reads [embedding, the cell's own standardised input]
     # held-out cells
     val_fraction: float = 0.1
     max_val_cells: int = 20000
