@@ -239,7 +239,7 @@ def test_train_overlays_export_reread(viewer_widget, starmap_path, sync, tmp_pat
     assert method in w.results, w.status.text()
     out = w.results[method]
     assert out.train_result.epochs_run == 2
-    assert w.progress.value() == 1000
+    assert w.progress.value() == W.PROGRESS_MAX
     assert len(w.loss_curve.epoch_losses) == 2 and np.isfinite(w.loss_curve.epoch_losses).all()
 
     names = {lay.name for lay in viewer.layers}
@@ -355,7 +355,7 @@ def test_event_loop_serves_while_worker_trains_and_stop_keeps_model(viewer_widge
     gaps = np.diff(during)
     assert len(during) >= 10, (len(during), elapsed)
     assert gaps.max() < 2.0, gaps.max()  # the loop never froze (generous: CI machines are shared)
-    assert any(0 < p < 1000 for p in progress_seen)  # progress moved live, before the end
+    assert any(0 < p < W.PROGRESS_MAX for p in progress_seen)  # progress moved live, before the end
     out = w.results["gnn-mask"]
     assert out.train_result.stopped_by_user
     assert 3 <= out.train_result.epochs_run < 10_000

@@ -71,6 +71,7 @@ SYNC_ENV = "NAPARI_SPATIALSSL_SYNC_WORKERS"
 NONE = "(none)"
 AUTO = "auto"
 PREVIEW_EDGE_SAMPLE = 4000  # edges drawn in the "sample of edges" preview
+PROGRESS_MAX = 1_000_000  # fine enough to move on every step of a long run
 LOSS_REDRAW_SECONDS = 1.0  # the loss curve is redrawn at most this often while training
 
 # names of the preview / result layers (one of each kind, replaced on update)
@@ -534,8 +535,39 @@ class SpatialSSLWidget(QWidget):
             self.require_data()
         key = (id(adata), self.method, repr(getattr(cfg, "data", None)))
         if key not in self._dataset_cache:
-            self._dataset_cache.clear()
+            for old in [k for k in self._dataset_cache if k[0] != "geometry"]:
+                del self._dataset_cache[old]
             self._dataset_cache[key] = dataset_from_config(adata, cfg, name=self.data_layer.name)
+        return self._dataset_cache[key]
+
+    def geometry(self, cfg=None):
+        """A SpatialDataset with the slide's coordinates, sections and labels but no expression
+        (a zero-column matrix): enough for graph and mask previews, and cheap at atlas scale."""
+        import scipy.sparse as sp
+
+        from ..data.dataset import SpatialDataset
+        from ..data.io import get_coordinates, label_codes, resolve_section_key, section_codes
+        from ..models.base import data_config_of
+
+        cfg = cfg or self.config()
+        adata = self.adata
+        if adata is None:
+            self.require_data()
+        dc = data_config_of(cfg)
+        key = ("geometry", id(adata), dc.spatial_key, repr(dc.coord_columns), dc.section_key, dc.label_key,
+               repr(dc.ignore_labels))
+        if key not in self._dataset_cache:
+            name = self.data_layer.name
+            coords = get_coordinates(adata, spatial_key=dc.spatial_key, coord_columns=dc.coord_columns, name=name)
+            skey = resolve_section_key(adata, dc.section_key, name=name)
+            section, names = section_codes(adata, skey)
+            labels = label_names = None
+            if dc.label_key:
+                labels, label_names = label_codes(adata, dc.label_key, dc.ignore_labels)
+            self._dataset_cache[key] = SpatialDataset(
+                coords=coords, X=sp.csr_matrix((len(coords), 0), dtype=np.float32), gene_names=np.zeros(0, str),
+                section=section, section_names=names, labels=labels, label_names=label_names, section_key=skey,
+                label_key=dc.label_key, obs_names=np.asarray(adata.obs_names).astype(str))
         return self._dataset_cache[key]
 
     def cell_positions(self) -> np.ndarray:
@@ -558,7 +590,7 @@ class SpatialSSLWidget(QWidget):
         from ..models.base import get_method_class
 
         cfg = cfg or self.config()
-        data = self.dataset(cfg)
+        data = self.geometry(cfg)
         key = (id(data), self.method, repr(cfg))
         if key in self._graph_cache:
             return self._graph_cache[key]
@@ -580,7 +612,7 @@ class SpatialSSLWidget(QWidget):
         value = self._param(cfg, "bin_size")
         if value:
             return float(value)
-        data = self.dataset(cfg)
+        data = self.geometry(cfg)
         return suggest_bin_size(data.coords, data.section, factor=float(self._param(cfg, "bin_factor", default=1.0)))
 
     def num_hops(self, cfg) -> int:
@@ -595,7 +627,7 @@ class SpatialSSLWidget(QWidget):
         if s["n_cells"] and s["isolated_cells"] == s["n_cells"]:
             from .layers import median_nn_distance
 
-            data = self.dataset()
+            data = self.geometry()
             nn = median_nn_distance(data.coords[data.section == 0])
             what = f"radius {s['radius']:g}" if "radius" in s else "this graph"
             raise SpatialDataError(
@@ -606,7 +638,7 @@ class SpatialSSLWidget(QWidget):
 
     def check_patches(self, cfg) -> None:
         """Refuse patches larger than every section, explaining the sizes in bins."""
-        data = self.dataset(cfg)
+        data = self.geometry(cfg)
         patch = self._param(cfg, "patch_size")
         if patch is None:
             return
@@ -774,6 +806,9 @@ class SpatialSSLWidget(QWidget):
         """Clicking near a cell of the slide layer previews that cell (after a preview was drawn)."""
         if self._preview_kind is None or event.type != "mouse_press":
             return
+        shown = self._find(EDGES_LAYER if self._preview_kind == "graph" else PATCH_GRID_LAYER)
+        if shown is None or not shown.visible:
+            return
         layer = self.data_layer
         if layer is None or not layer.visible:
             return
@@ -872,8 +907,8 @@ class SpatialSSLWidget(QWidget):
 
         self.require_data()
         cfg = self.config()
-        data = self.dataset(cfg)
         ms = MaskConfig(**self.mask_settings())
+        data = self.dataset(cfg) if ms.strategy == "gene_channels" else self.geometry(cfg)
         rng = np.random.default_rng(int(self.seed_spin.value()))
         pos = self.cell_positions()
         size = float(self.data_layer.size.mean())
@@ -951,7 +986,7 @@ class SpatialSSLWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         lay.addWidget(hbox(self.train_button, self.stop_button))
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
+        self.progress.setRange(0, PROGRESS_MAX)
         self.progress_label = QLabel("")
         lay.addWidget(self.progress)
         lay.addWidget(self.progress_label)
@@ -985,8 +1020,13 @@ class SpatialSSLWidget(QWidget):
                 raise SpatialDataError(self._one_class_message(self.label_key, names))
         if self.view_kind(cfg) == "patches":
             self.check_patches(cfg)
-        elif hasattr(cfg, "radius") or self.method == "spotscape":
-            self.check_graph(self.graph(cfg))
+        elif self._param(cfg, "radius") is not None:
+            # A sampled estimate first (cheap at any scale); the exact graph only when it finds no edge.
+            from ..graphs.neighbors import estimate_radius_edges
+
+            geo = self.geometry(cfg)
+            if estimate_radius_edges(geo.coords, float(self._param(cfg, "radius")), geo.section) == 0:
+                self.check_graph(self.graph(cfg))
 
     @explained
     def train(self, *_):
@@ -1045,7 +1085,7 @@ class SpatialSSLWidget(QWidget):
         n_epochs = max(event.n_epochs, 1)
         if kind == "step":
             frac = (event.epoch - 1 + (event.step / event.n_steps if event.n_steps else 0.5)) / n_epochs
-            self.progress.setValue(int(1000 * min(frac, 1.0)))
+            self.progress.setValue(int(PROGRESS_MAX * min(frac, 1.0)))
             if "loss" in event.losses:
                 self.loss_curve.add_step(event.losses["loss"])
             loss = event.losses.get("loss")
@@ -1053,7 +1093,7 @@ class SpatialSSLWidget(QWidget):
                 f"epoch {event.epoch}/{event.n_epochs}, step {event.step}"
                 + (f"/{event.n_steps}" if event.n_steps else "") + (f", loss {loss:.4g}" if loss is not None else ""))
         elif kind == "epoch":
-            self.progress.setValue(int(1000 * event.epoch / n_epochs))
+            self.progress.setValue(int(PROGRESS_MAX * event.epoch / n_epochs))
             if "loss" in event.losses:
                 self.loss_curve.add_epoch(event.losses["loss"], event.val_loss)
             val = f", validation {event.val_loss:.4g}" if event.val_loss is not None else ""
@@ -1091,7 +1131,7 @@ class SpatialSSLWidget(QWidget):
             return
         method = output.method.name
         self.results[method] = output
-        self.progress.setValue(1000)
+        self.progress.setValue(PROGRESS_MAX)
         tr = output.train_result
         self.save_model_button.setEnabled(tr is not None)
         self._adopt_result(method, output)
