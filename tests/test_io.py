@@ -230,6 +230,7 @@ def test_unknown_labels_are_grey_and_numeric_colouring():
     assert kw["face_color"] == "#e0e0e0"
 
 
+@pytest.mark.filterwarnings("ignore:Transforming to str index")
 def test_large_slide_is_subsampled_for_display():
     """A synthetic slide above the 2 million point threshold shows a 2M subsample and says so."""
     n = L.DEFAULT_MAX_POINTS + 50_000
