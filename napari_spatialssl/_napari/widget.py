@@ -45,7 +45,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
     QLabel,
     QListWidget,
     QAbstractItemView,
@@ -1141,6 +1140,10 @@ class SpatialSSLWidget(QWidget):
             return
         how = "stopped by you" if tr.stopped_by_user else "done"
         epochs, secs = tr.epochs_run, tr.train_seconds
+        last = tr.history[-1] if tr.history else {}
+        self.progress_label.setText(f"{how}: {epochs} epoch(s), last loss {last.get('loss', float('nan')):.4g}"
+                                    + (f", validation {last['val_loss']:.4g}" if last.get("val_loss") is not None
+                                       else ""))
         self.say(f"{method}: training {how} after {epochs} epoch(s) in {secs:.1f} s on "
                  f"{output.metrics.get('device', '?')}. Results added as layers (Results section).")
 
