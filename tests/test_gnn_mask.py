@@ -190,7 +190,7 @@ def test_one_section_split_and_no_labels(osmfish_path):
 
 def test_pretraining_learns_better_than_baselines(starmap):
     """A modest run must beat the training-mean reconstruction on held-out masked cells."""
-    out = fit(starmap, "gnn-mask", overrides={"epochs": 30, "hidden_dims": "32,16", "data.section_key": "sample_id", "radius": 300,
+    out = fit(starmap, "gnn-mask", overrides={"epochs": 15, "lr": 3e-3, "hidden_dims": "32,16", "data.section_key": "sample_id", "radius": 300,
                                               "seed": 1})
     rec = out.metrics["reconstruction"]
     assert rec["masked_mse"] < rec["baselines"]["train_mean"]
@@ -218,7 +218,7 @@ def test_finetune_trainer_is_the_shared_trainer(starmap):
         made.append(t)
         return t
 
-    m, data = _method(starmap, **{"finetune.epochs": 2})
+    m, data = _method(starmap, **{"finetune.epochs": 2, "finetune.mode": "linear"})
     m.evaluate(data, torch.device("cpu"), make_trainer)
     assert len(made) == 2  # pretrained and random-init fine-tuning, both by the Trainer
     assert all(t.result.epochs_run == 2 for t in made)
