@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ._napari.demo import run_demo
 
     return run_demo(sample=args.sample, out_dir=args.out, headless=args.headless, color_by=args.color_by)
 

@@ -50,7 +50,7 @@ def test_summary_of_a_slide(starmap_path):
     import anndata as ad
 
     from napari_spatialssl._napari.layers import adata_to_points
-    from napari_spatialssl.demo import summarize_adata
+    from napari_spatialssl._napari.demo import summarize_adata
 
     a = ad.read_h5ad(starmap_path)
     _, kw, _ = adata_to_points(a)
@@ -66,7 +66,7 @@ def test_summary_of_a_slide(starmap_path):
 def test_interactive_demo_opens_slide_and_widget(monkeypatch):
     """With a display, the demo opens napari with the sample slide and the plugin's dock widget."""
     napari = pytest.importorskip("napari")
-    from napari_spatialssl.demo import run_demo
+    from napari_spatialssl._napari.demo import run_demo
 
     monkeypatch.setattr(napari, "run", lambda *a, **k: None)  # do not block on the event loop
     assert run_demo(sample="starmap", headless=False) == 0

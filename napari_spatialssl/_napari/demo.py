@@ -126,8 +126,8 @@ def summarize_adata(adata, layer_metadata: dict | None = None, color_by: str | N
     """JSON-ready summary of a slide: size, expression type, coordinates, sections, labels, colours."""
     import scipy.sparse as sp
 
-    from .data.dataset import looks_like_counts
-    from .data.io import get_coordinates
+    from ..data.dataset import looks_like_counts
+    from ..data.io import get_coordinates
 
     meta = layer_metadata or {}
     coords = get_coordinates(adata, spatial_key=meta.get("spatial_key", "spatial"),
@@ -161,8 +161,8 @@ def summarize_adata(adata, layer_metadata: dict | None = None, color_by: str | N
 
 
 def _sample_layer(sample: str, color_by: str | None):
-    from ._napari.reader import read_slide
-    from ._napari.sample_data import SAMPLES, sample_path
+    from .reader import read_slide
+    from .sample_data import SAMPLES, sample_path
 
     path = sample_path(sample)
     data, kwargs, layer_type = read_slide(path, color_by=color_by or "auto",
@@ -247,7 +247,7 @@ def run_headless(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_out
     cycle = kwargs.get("face_color_cycle")
     if isinstance(cycle, dict):
         summary["colors"] = {str(k): str(v) for k, v in cycle.items()}
-    from .data.io import atomic_write_text
+    from ..data.io import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     return summary
