@@ -143,9 +143,12 @@ class Trainer:
         return torch.autocast(device_type="cpu", enabled=False)
 
     def run(self, task: TrainingTask) -> Iterator[TrainEvent]:
-        """Train `task`, yielding progress events; sets ``self.result`` at the end."""
+        """Train `task`, yielding progress events; sets ``self.result`` at the end.
+
+        A stop requested before the run starts is honoured (no epoch runs); the flag is cleared
+        when the run ends, so the Trainer can be reused.
+        """
         cfg = self.config
-        self._stop.clear()
         rng = seed_everything(cfg.seed)
         model = task.model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -229,9 +232,11 @@ class Trainer:
         ckpt = None
         if self.checkpoint_path is not None:
             ckpt = str(self.save_checkpoint(task, history))
-        self.result = TrainResult(history, len(history), seconds, str(self.device), self._stop.is_set(),
+        stopped_by_user = self._stop.is_set()
+        self._stop.clear()
+        self.result = TrainResult(history, len(history), seconds, str(self.device), stopped_by_user,
                                   stopped_early, best_epoch, ckpt)
-        msg = "stopped by user" if self._stop.is_set() else ("stopped early" if stopped_early else "done")
+        msg = "stopped by user" if stopped_by_user else ("stopped early" if stopped_early else "done")
         yield TrainEvent("end", len(history), cfg.epochs, losses=history[-1] if history else {},
                          elapsed=seconds, message=msg)
 

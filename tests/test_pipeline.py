@@ -46,6 +46,17 @@ def test_run_streams_events_and_stop_keeps_evaluating(starmap):
     assert "X_gnn-mask" in out.adata.obsm  # evaluation still ran on the model trained so far
 
 
+def test_stop_before_finetuning_reports_skipped_cell_types(starmap):
+    """A Stop during pretraining skips fine-tuning: no scores from an untrained classification head."""
+    pipe = Pipeline("gnn-mask", make_config("gnn-mask", {**FAST, "epochs": 50, "data.label_key": "cell_type"}))
+    for event in pipe.run(starmap):
+        if event.kind == "epoch" and event.epoch == 1:
+            pipe.stop()
+    out = pipe.output
+    assert out.metrics["stopped_by_user"] and "skipped" in out.metrics["cell_type"]
+    assert "gnn-mask_cell_type" not in out.adata.obs and "X_gnn-mask" in out.adata.obsm
+
+
 def test_results_are_placed_in_the_input_columns_with_hvg(starmap):
     out = fit(starmap, "gnn-mask", overrides={**FAST, "data.preprocess.n_top_genes": 40})
     rec = out.adata.layers["gnn-mask_reconstruction"]

@@ -126,6 +126,15 @@ def test_stop_from_another_thread_takes_effect_at_next_step():
     assert trainer.result.stopped_by_user and trainer.result.epochs_run == 2
 
 
+def test_stop_before_run_trains_nothing_then_trainer_is_reusable():
+    task = RegressionTask()
+    trainer = Trainer(TrainConfig(epochs=3, lr=0.01, device="cpu"))
+    trainer.stop()  # e.g. Stop pressed in the widget before a later stage starts
+    assert trainer.fit(task).epochs_run == 0 and trainer.result.stopped_by_user and task.steps == 0
+    second = trainer.fit(task)  # the flag was cleared when the stopped run ended
+    assert second.epochs_run == 3 and not second.stopped_by_user
+
+
 def test_checkpoint_is_atomic_with_config_and_versions(tmp_path):
     path = tmp_path / "ckpt" / "model.pt"
     task = RegressionTask()

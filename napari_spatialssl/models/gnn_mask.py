@@ -374,6 +374,10 @@ class _Batches:
 # the method
 
 
+class _FinetuneStopped(Exception):
+    """Fine-tuning was stopped by the user before its first epoch."""
+
+
 @register
 class GnnMask(SSLMethod):
     name = NAME
@@ -583,7 +587,12 @@ class GnnMask(SSLMethod):
             metrics=metrics,
         )
         if data.labels is not None:
-            ct, pred = self._cell_types(data, device, make_trainer)
+            try:
+                ct, pred = self._cell_types(data, device, make_trainer)
+            except _FinetuneStopped:
+                # Scores of an untrained head would be misleading: report the skip instead.
+                metrics["cell_type"] = {"skipped": "training was stopped by the user before fine-tuning"}
+                return results
             metrics["cell_type"] = ct
             import pandas as pd
 
@@ -644,6 +653,8 @@ class GnnMask(SSLMethod):
             tcfg = TrainConfig(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, seed=cfg.seed,
                                device=str(device), amp=cfg.amp, patience=fc.patience, grad_clip=cfg.grad_clip)
             result = make_trainer(tcfg).fit(task)
+            if result.stopped_by_user and result.epochs_run == 0:
+                raise _FinetuneStopped
             return ct_model, {"epochs": result.epochs_run, "seconds": result.train_seconds,
                               "best_epoch": result.best_epoch, "stage": tag}
 
