@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,8 @@ class Pipeline:
         self.output: PipelineOutput | None = None
         self._trainers: list[Trainer] = []
         self._stopped = False
+        self._downstream_events: queue.Queue | None = None  # set while `evaluate` runs
+        self._n_downstream = 0
 
     def stop(self) -> None:
         """Stop whatever is training now; later stages still run on the model trained so far."""
@@ -83,8 +87,16 @@ class Pipeline:
         for t in self._trainers:
             t.stop()
 
-    def make_trainer(self, train_config: TrainConfig, checkpoint_path=None) -> Trainer:
-        trainer = Trainer(train_config, checkpoint_path=checkpoint_path)
+    def make_trainer(self, train_config: TrainConfig, checkpoint_path=None, stage: str | None = None) -> Trainer:
+        """A Trainer that `stop` reaches. Trainers made while the method evaluates (fine-tuning a
+        head, say) report their events through `run`, named `stage` (default "downstream training N")."""
+        if self._downstream_events is None:
+            trainer = Trainer(train_config, checkpoint_path=checkpoint_path)
+        else:
+            self._n_downstream += 1
+            trainer = Trainer(train_config, checkpoint_path=checkpoint_path,
+                              stage=stage or f"downstream training {self._n_downstream}",
+                              listener=self._downstream_events.put)
         if self._stopped:
             trainer.stop()
         self._trainers.append(trainer)
@@ -103,8 +115,9 @@ class Pipeline:
         trainer = self.make_trainer(self.config)
         yield from trainer.run(self.method)
         train_result = trainer.result
-        yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating")
-        results = self.method.evaluate(data, trainer.device, self.make_trainer)
+        yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating",
+                         stage="evaluation")
+        results = yield from self._evaluate(data, trainer.device)
         metrics = {
             "method": self.method_cls.name,
             "seed": self.config.seed,
@@ -126,6 +139,35 @@ class Pipeline:
         self.output = PipelineOutput(result_adata, metrics, self.method, train_result, files)
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="done")
 
+    def _evaluate(self, data: SpatialDataset, device) -> Iterator[TrainEvent]:
+        """``method.evaluate`` in a helper thread, so that the events of the trainings it starts
+        (fine-tuning) reach the caller as they happen; returns its MethodResults."""
+        events: queue.Queue = queue.Queue()
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                box["results"] = self.method.evaluate(data, device, self.make_trainer)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+            finally:
+                events.put(None)
+
+        self._downstream_events, self._n_downstream = events, 0
+        thread = threading.Thread(target=work, name="spatialssl-evaluate", daemon=True)
+        thread.start()
+        try:
+            while (event := events.get()) is not None:
+                yield event
+        finally:
+            if thread.is_alive():  # the caller abandoned the run: stop the downstream training
+                self.stop()
+                thread.join()
+            self._downstream_events = None
+        if "error" in box:
+            raise box["error"]
+        return box["results"]
+
     def fit(self, adata, out_dir=None, *, overwrite: bool = False, progress: bool = False,
             callback: Callable[[TrainEvent], None] | None = None) -> PipelineOutput:
         bar = None
@@ -144,7 +186,9 @@ def _progress(bar, event: TrainEvent):
     from tqdm.auto import tqdm
 
     if event.kind == "start":
-        bar = tqdm(total=event.n_epochs, desc="pretraining", unit="epoch")
+        if bar is not None:
+            bar.close()
+        bar = tqdm(total=event.n_epochs, desc=event.stage, unit="epoch")
     elif event.kind == "epoch" and bar is not None:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in event.losses.items()})

@@ -91,7 +91,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 @dataclass
 class TrainEvent:
-    """One progress report. kind: 'start', 'step', 'epoch' or 'end'."""
+    """One progress report. kind: 'start', 'step', 'epoch', 'end' (a Trainer) or 'stage' (the pipeline).
+
+    ``stage`` says which training the event belongs to: ``"pretraining"`` for the method's
+    self-supervised run, another name (e.g. ``"downstream training 1"``) for a training the method
+    runs while evaluating (fine-tuning a classifier head, say).
+    """
 
     kind: str
     epoch: int
@@ -102,6 +107,7 @@ class TrainEvent:
     val_loss: float | None = None
     elapsed: float = 0.0
     message: str = ""
+    stage: str = "pretraining"
 
 
 @dataclass
@@ -120,8 +126,13 @@ class Trainer:
     """Trains any TrainingTask. ``run`` yields events; ``fit`` consumes them (optionally with a bar)."""
 
     def __init__(self, config: TrainConfig, *, checkpoint_path: str | os.PathLike | None = None,
-                 checkpoint_extra: Callable[[], dict] | None = None):
+                 checkpoint_extra: Callable[[], dict] | None = None, stage: str = "pretraining",
+                 listener: Callable[[TrainEvent], None] | None = None):
         self.config = config
+        self.stage = stage
+        # Called with every event of every run, whoever consumes the run (used by the pipeline to
+        # report trainings that a method starts inside `evaluate`).
+        self.listener = listener
         self.device = resolve_device(config.device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.checkpoint_extra = checkpoint_extra
@@ -144,6 +155,17 @@ class Trainer:
 
     def run(self, task: TrainingTask) -> Iterator[TrainEvent]:
         """Train `task`, yielding progress events; sets ``self.result`` at the end.
+
+        Every event carries this Trainer's ``stage`` and is also passed to ``listener`` if set.
+        """
+        for event in self._events(task):
+            event.stage = self.stage
+            if self.listener is not None:
+                self.listener(event)
+            yield event
+
+    def _events(self, task: TrainingTask) -> Iterator[TrainEvent]:
+        """The training loop behind :meth:`run`.
 
         A stop requested before the run starts is honoured (no epoch runs); the flag is cleared
         when the run ends, so the Trainer can be reused.

@@ -57,6 +57,38 @@ def test_stop_before_finetuning_reports_skipped_cell_types(starmap):
     assert "gnn-mask_cell_type" not in out.adata.obs and "X_gnn-mask" in out.adata.obsm
 
 
+def test_finetuning_progress_is_streamed_and_stoppable(starmap):
+    """Trainings a method runs while evaluating (gnn-mask's fine-tuning) report their events through
+    `run` under their own stage name, and Stop reaches them too."""
+    pipe = Pipeline("gnn-mask", make_config("gnn-mask", {**FAST, "finetune.epochs": 40,
+                                                          "finetune.patience": 0, "data.label_key": "cell_type"}))
+    downstream = []
+    for event in pipe.run(starmap):
+        if event.kind in ("start", "step", "epoch", "end") and event.stage != "pretraining":
+            downstream.append(event)
+            if event.kind == "epoch" and event.epoch == 3:
+                pipe.stop()
+    stages = list(dict.fromkeys(e.stage for e in downstream))
+    assert len(stages) >= 1 and all(s != "pretraining" for s in stages)
+    first = [e for e in downstream if e.stage == stages[0]]
+    assert first[0].kind == "start" and first[-1].kind == "end" and first[-1].message == "stopped by user"
+    assert [e.epoch for e in first if e.kind == "epoch"] == [1, 2, 3]  # stopped after epoch 3 of 40
+    assert pipe.output is not None and pipe.output.metrics["stopped_by_user"] is False  # pretraining ran fully
+
+
+def test_an_error_while_evaluating_reaches_the_caller(starmap, monkeypatch):
+    pipe = Pipeline("gnn-mask", make_config("gnn-mask", FAST))
+
+    def broken(*_args, **_kw):
+        raise SpatialDataError("evaluation failed on purpose")
+
+    monkeypatch.setattr(pipe.method, "evaluate", broken)
+    with pytest.raises(SpatialDataError, match="on purpose"):
+        for _ in pipe.run(starmap):
+            pass
+    assert pipe.output is None
+
+
 def test_results_are_placed_in_the_input_columns_with_hvg(starmap):
     out = fit(starmap, "gnn-mask", overrides={**FAST, "data.preprocess.n_top_genes": 40})
     rec = out.adata.layers["gnn-mask_reconstruction"]

@@ -303,6 +303,25 @@ def test_train_overlays_export_reread(viewer_widget, starmap_path, sync, tmp_pat
     assert png.stat().st_size > 1000
 
 
+def test_downstream_training_events_drive_the_bar_not_the_loss_curve(viewer_widget):
+    """Fine-tuning a method runs after pretraining shows as its own stage in the progress bar and
+    label; the loss curve keeps the pretraining losses only."""
+    from napari_spatialssl.training import TrainEvent
+
+    _viewer, w = viewer_widget
+    w._on_event(TrainEvent("epoch", 1, 2, 3, 3, {"loss": 0.5}, None, 0.1))
+    assert len(w.loss_curve.epoch_losses) == 1
+    stage = "fine-tuning cell types (pretrained encoder)"
+    w._on_event(TrainEvent("start", 0, 10, message="training on cpu", stage=stage))
+    assert w.progress.value() == 0 and stage in w.progress_label.text()
+    w._on_event(TrainEvent("epoch", 4, 10, 2, 2, {"loss": 1.25}, 0.7, 0.2, stage=stage))
+    assert w.progress.value() == int(W.PROGRESS_MAX * 0.4)
+    assert "epoch 4/10" in w.progress_label.text() and stage in w.progress_label.text()
+    w._on_event(TrainEvent("end", 4, 10, message="stopped by user", stage=stage))
+    assert "stopped by user" in w.progress_label.text()
+    assert len(w.loss_curve.epoch_losses) == 1  # untouched by the fine-tuning events
+
+
 def test_save_and_load_model(viewer_widget, starmap_path, sync, tmp_path):
     viewer, w = viewer_widget
     _open(w, starmap_path)

@@ -1082,6 +1082,9 @@ class SpatialSSLWidget(QWidget):
             self.progress_label.setText(event.message)
             return
         n_epochs = max(event.n_epochs, 1)
+        if getattr(event, "stage", "pretraining") != "pretraining":
+            self._on_downstream_event(event, n_epochs)
+            return
         if kind == "step":
             frac = (event.epoch - 1 + (event.step / event.n_steps if event.n_steps else 0.5)) / n_epochs
             self.progress.setValue(int(PROGRESS_MAX * min(frac, 1.0)))
@@ -1105,6 +1108,24 @@ class SpatialSSLWidget(QWidget):
         if kind in ("epoch", "end") or now - self._last_redraw > LOSS_REDRAW_SECONDS:
             self.loss_curve.refresh()
             self._last_redraw = now
+
+    def _on_downstream_event(self, event, n_epochs: int) -> None:
+        """A training the method runs while evaluating (fine-tuning): the bar shows its progress, the
+        label names it; the loss curve stays the pretraining curve."""
+        what = event.stage
+        if event.kind == "start":
+            self.progress.setValue(0)
+            self.progress_label.setText(f"{what}: {event.message}")
+        elif event.kind in ("step", "epoch"):
+            frac = event.epoch / n_epochs
+            if event.kind == "step" and event.n_steps:
+                frac = (event.epoch - 1 + event.step / event.n_steps) / n_epochs
+            self.progress.setValue(int(PROGRESS_MAX * min(frac, 1.0)))
+            loss = event.losses.get("loss")
+            self.progress_label.setText(f"{what}: epoch {event.epoch}/{event.n_epochs}"
+                                        + (f", loss {loss:.4g}" if loss is not None else ""))
+        elif event.kind == "end":
+            self.progress_label.setText(f"{what}: {event.message}")
 
     @explained
     def stop(self, *_):

@@ -68,7 +68,8 @@ class SSLMethod(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, data: SpatialDataset, device: torch.device,
                  make_trainer: Callable[[TrainConfig], Any]) -> MethodResults:
-        """Downstream tasks and metrics on `data`; any extra training uses `make_trainer`."""
+        """Downstream tasks and metrics on `data`; any extra training uses `make_trainer(train_config,
+        stage="<what it trains>")`, whose Trainer the pipeline can stop and whose progress it reports."""
 
     @abc.abstractmethod
     def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
