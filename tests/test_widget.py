@@ -381,6 +381,18 @@ def test_event_loop_serves_while_worker_trains_and_stop_keeps_model(viewer_widge
     assert "stopped by you" in w.status.text()
     assert "gnn-mask: domains" in viewer.layers  # the model trained so far still gave results
 
+    # domains and the graph preview are computed off the main thread too, then drawn
+    w.result_k_spin.setValue(3)
+    w.recompute_domains("gnn-mask")
+    assert "Clustering" in w.status.text()
+    qtbot.waitUntil(lambda: w.results["gnn-mask"].adata.obs["gnn-mask_domain"].nunique() == 3, timeout=60_000)
+    qtbot.waitUntil(lambda: w._bg_worker is None, timeout=10_000)
+    w._graph_cache.clear()
+    w.preview_view()
+    assert "Building the gnn-mask graph" in w.status.text() and W.EDGES_LAYER not in viewer.layers
+    qtbot.waitUntil(lambda: W.EDGES_LAYER in viewer.layers, timeout=60_000)
+    assert len(viewer.layers[W.EDGES_LAYER].data) > 0 and "edges" in w.status.text()
+
 
 # ---------------------------------------------------------------------------------- settings
 def test_settings_persist_in_overridable_file(make_napari_viewer, settings_file, starmap_path, sync):

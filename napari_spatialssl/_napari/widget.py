@@ -135,6 +135,7 @@ class SpatialSSLWidget(QWidget):
         self._lattice_cache: dict = {}
         self._pipeline = None
         self._worker = None
+        self._bg_worker = None  # a preview or domain computation running off the main thread
         self._last_redraw = 0.0
         self.results: dict = {}  # method -> PipelineOutput (or predict output)
         self._result_layers: dict[str, list] = {}
@@ -583,26 +584,59 @@ class SpatialSSLWidget(QWidget):
         return "graph"
 
     def graph(self, cfg=None):
-        """The method's neighbour graph over the slide, cached: the method's own ``build_graph`` when it
-        has one (e.g. spotscape's SNN graph with its derived radius), else the core's radius graph."""
-        from ..graphs.neighbors import radius_graph
-        from ..models.base import get_method_class
-
+        """The method's neighbour graph over the slide, cached (see :func:`build_view_graph`)."""
         cfg = cfg or self.config()
+        key, data = self._graph_key(cfg)
+        if key not in self._graph_cache:
+            self._store_graph(key, build_view_graph(self.method, cfg, data, self._param(cfg, "radius")))
+        return self._graph_cache[key]
+
+    def _graph_key(self, cfg):
         data = self.geometry(cfg)
-        key = (id(data), self.method, repr(cfg))
-        if key in self._graph_cache:
-            return self._graph_cache[key]
-        method = get_method_class(self.method)(cfg)
-        if hasattr(method, "build_graph"):
-            graph = method.build_graph(data)
-        elif self._param(cfg, "radius") is not None:
-            graph = radius_graph(data.coords, float(self._param(cfg, "radius")), data.section)
-        else:
-            raise SpatialDataError(f"{self.method}: its settings define no graph to preview.")
+        return (id(data), self.method, repr(cfg)), data
+
+    def _store_graph(self, key, graph) -> None:
         self._graph_cache.clear()
         self._graph_cache[key] = graph
-        return graph
+
+    def _graph_ready(self, cfg, then, *args) -> bool:
+        """True when the graph for `cfg` is cached. Otherwise build it in a background worker (it takes
+        seconds on atlas-size slides) and call ``then(*args)`` on the main thread when it is ready."""
+        key, data = self._graph_key(cfg)
+        if key in self._graph_cache or sync_workers():
+            return True
+        self._in_background(f"building the {self.method} graph on {data.n_cells:,} cells",
+                            build_view_graph, (self.method, cfg, data, self._param(cfg, "radius")),
+                            lambda graph: (self._store_graph(key, graph), then(*args)))
+        return False
+
+    def _in_background(self, what: str, fn, args, on_done) -> None:
+        """Run ``fn(*args)`` in a napari thread worker, then ``on_done(result)`` on the main thread (errors
+        become messages). Inline when workers are synchronous (tests)."""
+        if sync_workers():
+            on_done(fn(*args))
+            return
+        if self._bg_worker is not None:
+            raise SpatialDataError(f"still {self._bg_what}; wait a moment and try again.")
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(fn, *args, _start_thread=False)
+
+        def done(result):
+            try:
+                on_done(result)
+            except Exception as exc:  # noqa: BLE001 - shown, never raised into Qt
+                self.report_error(exc)
+
+        def finished():
+            self._bg_worker = None
+
+        worker.returned.connect(done)
+        worker.errored.connect(self.report_error)
+        worker.finished.connect(finished)
+        self._bg_worker, self._bg_what = worker, what
+        self.say(f"{what[0].upper()}{what[1:]}…")
+        worker.start()
 
     def bin_size(self, cfg) -> float:
         """The lattice bin side (coordinate units): the configured one, else the core's suggestion."""
@@ -666,6 +700,8 @@ class SpatialSSLWidget(QWidget):
             self.check_patches(cfg)
             self._preview_patches(cfg, cell=self._clicked_cell)
             return
+        if not self._graph_ready(cfg, self.preview_view):
+            return
         graph = self.graph(cfg)
         s = graph.summary()
         self.view_summary.setText(self._graph_text(s))
@@ -694,6 +730,8 @@ class SpatialSSLWidget(QWidget):
         self._clicked_cell = int(cell)
         if self.view_kind(cfg) == "patches":
             self._preview_patches(cfg, cell=int(cell))
+            return
+        if not self._graph_ready(cfg, self.preview_cell, cell):
             return
         graph = self.graph(cfg)
         self.check_graph(graph)
@@ -931,9 +969,11 @@ class SpatialSSLWidget(QWidget):
             raise SpatialDataError("strategy 'cell_types': select at least one cell type in the list to mask.")
         adjacency = None
         if ms.strategy == "niches":
-            graph = self.graph(cfg) if self.view_kind(cfg) == "graph" else None
-            if graph is None:
+            if self.view_kind(cfg) != "graph":
                 raise SpatialDataError("strategy 'niches' needs a neighbour graph; this method uses patches.")
+            if not self._graph_ready(cfg, self.preview_mask):
+                return
+            graph = self.graph(cfg)
             self.check_graph(graph)
             adjacency = graph.to_scipy()
         mask = draw_cell_mask(ms, data.n_cells, rng, labels=data.labels, label_names=data.label_names,
@@ -1487,21 +1527,20 @@ class SpatialSSLWidget(QWidget):
 
     @explained
     def recompute_domains(self, method: str | None = None, k: int | None = None):
-        """Spatial domains from the embedding: k-means with K clusters, or a BIC-chosen mixture (K automatic)."""
-        from ..evaluation.clustering import gmm_bic, kmeans
-
+        """Spatial domains from the embedding: k-means with K clusters, or a BIC-chosen mixture (K automatic),
+        computed in a background worker (minutes on millions of cells), then drawn."""
         method = method or self.result_method
-        output = self.result(method)
+        self.result(method)
         emb = self._embedding(method)
         k = int(self.result_k_spin.value()) if k is None else int(k)
         if k == 1 or k > len(emb):
             raise SpatialDataError(f"K = {k}: choose between 2 and {len(emb)} domains, or 0 for automatic.")
-        if k:
-            labels = kmeans(emb, k, seed=int(self.seed_spin.value()))
-            how = f"k-means, K = {k}"
-        else:
-            labels, k = gmm_bic(emb, seed=int(self.seed_spin.value()))
-            how = f"Gaussian mixture, K = {k} chosen by BIC"
+        what = f"k-means with K = {k}" if k else "a Gaussian mixture with K chosen by BIC"
+        self._in_background(f"clustering {len(emb):,} cells of {method} ({what})", cluster_domains,
+                            (emb, k, int(self.seed_spin.value())), lambda res: self._set_domains(method, *res))
+
+    def _set_domains(self, method: str, labels: np.ndarray, k: int, how: str) -> None:
+        output = self.result(method)
         output.adata.obs[f"{method}_domain"] = pd.Categorical(labels.astype(int).astype(str))
         self._sync_slide_features(output)
         self.show_categories(method)
@@ -1787,6 +1826,30 @@ class SpatialSSLWidget(QWidget):
 
 
 # ---------------------------------------------------------------------- worker bodies (no Qt)
+def build_view_graph(method_name: str, cfg, data, radius=None):
+    """The neighbour graph a method trains on, for the View previews: the method's own ``build_graph``
+    when it has one (e.g. spotscape's SNN graph), else the core's radius graph."""
+    from ..graphs.neighbors import radius_graph
+    from ..models.base import get_method_class
+
+    method = get_method_class(method_name)(cfg)
+    if hasattr(method, "build_graph"):
+        return method.build_graph(data)
+    if radius is not None:
+        return radius_graph(data.coords, float(radius), data.section)
+    raise SpatialDataError(f"{method_name}: its settings define no graph to preview.")
+
+
+def cluster_domains(emb: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, int, str]:
+    """(labels, K, how): k-means with `k` clusters, or a Gaussian mixture with K chosen by BIC when k = 0."""
+    from ..evaluation.clustering import gmm_bic, kmeans
+
+    if k:
+        return kmeans(emb, k, seed=seed), int(k), f"k-means, K = {k}"
+    labels, k = gmm_bic(emb, seed=seed)
+    return labels, int(k), f"Gaussian mixture, K = {k} chosen by BIC"
+
+
 def _pipeline_events(pipeline, adata, name, n_domains=None, seed=0):
     """Generator run by the worker: the pipeline's events, then its output as the return value.
 
