@@ -261,6 +261,52 @@ def test_cli_fit_then_predict(tmp_path):
     assert (pred.obs["spotscape_domain"].astype(str) == fitted.obs["spotscape_domain"].astype(str)).mean() > 0.95
 
 
+def test_postprocess_embedding_variants():
+    from napari_spatialssl.data.io import SpatialDataError
+    from napari_spatialssl.models.spotscape import postprocess_embedding
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(50, 6)) * np.arange(1, 7) + 3.0
+    e[0] = 0.0  # an all-zero row must not divide by zero
+    np.testing.assert_allclose(postprocess_embedding(e, "none"), e.astype(np.float32))
+    l2 = postprocess_embedding(e, "l2")
+    assert l2.dtype == np.float32 and np.isfinite(l2).all()
+    np.testing.assert_allclose(np.linalg.norm(l2[1:], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(l2[5], e[5] / np.linalg.norm(e[5]), rtol=1e-5)
+    st = postprocess_embedding(e, "standardize")
+    np.testing.assert_allclose(st.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(st.std(0), 1.0, rtol=1e-4)
+    pc = postprocess_embedding(e, "pca", pca_dims=3)
+    assert pc.shape == (50, 3)
+    var = pc.var(0)
+    assert (np.diff(var) <= 1e-6).all()  # components in decreasing variance
+    with pytest.raises(SpatialDataError, match="post-processing"):
+        postprocess_embedding(e, "bogus")
+
+
+def test_domains_are_clustered_on_the_configured_embedding_space(monkeypatch):
+    """k-means sees the L2-normalised embeddings by default, the raw ones with 'none'; the stored
+    domain centroids live in the same space (predict assigns new spots there)."""
+    from napari_spatialssl.evaluation import clustering
+    from napari_spatialssl.models.spotscape import SpotscapeConfig
+    from napari_spatialssl.pipeline import Pipeline
+
+    assert SpotscapeConfig().embedding_postprocess == "l2"
+    seen = []
+    real = clustering.kmeans
+    monkeypatch.setattr(clustering, "kmeans", lambda emb, k, **kw: seen.append(np.array(emb)) or real(emb, k, **kw))
+    a = _toy_adata(n_slices=1)
+    out = Pipeline("spotscape", _config(epochs=10)).fit(a)
+    assert out.metrics["domains"]["clustering"]["embedding_postprocess"] == "l2"
+    np.testing.assert_allclose(np.linalg.norm(seen[-1], axis=1), 1.0, rtol=1e-4)
+    emb = out.adata.obsm["X_spotscape"]
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0)  # the stored embedding stays raw
+    seen.clear()
+    cfg = _config(epochs=10, embedding_postprocess="none")
+    out = Pipeline("spotscape", cfg).fit(a)
+    np.testing.assert_allclose(seen[-1], out.adata.obsm["X_spotscape"], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_settings_are_clear_errors():
     from napari_spatialssl.data.io import SpatialDataError
     from napari_spatialssl.pipeline import Pipeline
@@ -268,6 +314,8 @@ def test_bad_settings_are_clear_errors():
     a = _toy_adata(n_slices=1)
     with pytest.raises(SpatialDataError, match="edge_drop"):
         Pipeline("spotscape", _config(edge_drop=1.5)).fit(a)
+    with pytest.raises(SpatialDataError, match="embedding_postprocess"):
+        Pipeline("spotscape", _config(embedding_postprocess="cosine")).fit(a)
     cfg = _config(domain_method="kmeans")
     cfg.eval.n_domains = None
     with pytest.raises(SpatialDataError, match="n_domains"):

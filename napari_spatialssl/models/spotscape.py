@@ -50,6 +50,30 @@ from .losses import (
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 DOMAIN_METHODS = ("auto", "kmeans", "leiden", "gmm")
+EMBEDDING_POSTPROCESS = ("none", "l2", "standardize", "pca")
+
+
+def postprocess_embedding(emb: np.ndarray, how: str = "none", seed: int = 0, pca_dims: int = 20) -> np.ndarray:
+    """The embeddings as clustered: `none` (as they are), `l2` (each row scaled to unit length:
+    the geometry the telescope loss shapes, which works on cosine similarities), `standardize`
+    (each dimension to zero mean / unit variance) or `pca` (centred, first `pca_dims` principal
+    components). None means "none". Returns float32; vectorised (no per-spot loop)."""
+    how = "none" if how is None else how
+    if how not in EMBEDDING_POSTPROCESS:
+        raise SpatialDataError(f"spotscape: embedding post-processing {how!r}; choose one of {EMBEDDING_POSTPROCESS}.")
+    x = np.asarray(emb, np.float64)
+    if how == "l2":
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(norm, 1e-12)
+    elif how == "standardize":
+        sd = x.std(0, keepdims=True)
+        x = (x - x.mean(0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    elif how == "pca":
+        x = x - x.mean(0, keepdims=True)
+        k = max(1, min(int(pca_dims), x.shape[1], x.shape[0]))
+        _, _, vt = np.linalg.svd(x, full_matrices=False)  # d x d work: d is the embedding width
+        x = x @ vt[:k].T
+    return x.astype(np.float32)
 
 
 def _spotscape_preprocess() -> PreprocessConfig:
@@ -109,6 +133,9 @@ class SpotscapeConfig(TrainConfig):
     kmeans_iters: int = 20
     # domains
     domain_method: str = "auto"  # auto (kmeans when K known, else leiden) | kmeans | leiden | gmm
+    # What the domain clustering sees (see postprocess_embedding): "l2" = unit-length rows, the
+    # cosine geometry the telescope loss shapes (chosen on 151674 / 151675); "none" = raw.
+    embedding_postprocess: str = "l2"
     smooth_domains: bool = True  # also report labels smoothed over the SNN graph (separately)
     eval_masked_genes: float = 0.2  # fraction of genes hidden for the masked-reconstruction figure
 
@@ -344,6 +371,11 @@ class Spotscape(SSLMethod):
                                    "must be in [0, 1).")
         if len(c.hidden_dims) < 1:
             raise SpatialDataError("spotscape: hidden_dims needs at least one layer size, e.g. [256, 64].")
+        if c.embedding_postprocess is None:  # --set embedding_postprocess=none parses to None
+            c.embedding_postprocess = "none"
+        if c.embedding_postprocess not in EMBEDDING_POSTPROCESS:
+            raise SpatialDataError(f"spotscape: embedding_postprocess {c.embedding_postprocess!r}; "
+                                   f"choose one of {EMBEDDING_POSTPROCESS}.")
         if c.domain_method not in DOMAIN_METHODS:
             raise SpatialDataError(f"spotscape: domain_method {c.domain_method!r}; choose one of {DOMAIN_METHODS}.")
         if c.eval.n_domains is not None and c.eval.n_domains < 2:
@@ -482,11 +514,16 @@ class Spotscape(SSLMethod):
     def _n_domains(self, data: SpatialDataset) -> int | None:
         return self.config.eval.n_domains
 
+    def cluster_space(self, emb: np.ndarray) -> np.ndarray:
+        """The embeddings as the domain clustering sees them (`embedding_postprocess`)."""
+        return postprocess_embedding(emb, self.config.embedding_postprocess, seed=self.config.seed)
+
     def cluster(self, emb: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Domain labels of the embeddings and how they were found."""
+        """Domain labels of the embeddings (after `embedding_postprocess`) and how they were found."""
         from ..evaluation.clustering import gmm_bic, graph_cluster_search, kmeans
 
         c = self.config
+        emb = self.cluster_space(emb)
         k = c.eval.n_domains
         method = c.domain_method
         if method == "auto":
@@ -494,13 +531,15 @@ class Spotscape(SSLMethod):
         if method == "kmeans":
             if k is None:
                 raise SpatialDataError("spotscape: domain_method 'kmeans' needs n_domains (--n-domains K).")
-            return kmeans(emb, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k)}
+            return kmeans(emb, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k),
+                                                 "embedding_postprocess": c.embedding_postprocess}
         if method == "gmm":
             rng = range(2, 16) if k is None else [k]
             labels, chosen = gmm_bic(emb, rng, seed=c.seed)
-            return labels, {"method": "gmm_bic", "n_clusters": chosen}
+            return labels, {"method": "gmm_bic", "n_clusters": chosen,
+                            "embedding_postprocess": c.embedding_postprocess}
         labels, info = graph_cluster_search(emb, k, seed=c.seed)
-        return labels, info
+        return labels, {**info, "embedding_postprocess": c.embedding_postprocess}
 
     def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray,
                  labels: np.ndarray, info: dict) -> tuple[MethodResults, dict]:
@@ -532,7 +571,9 @@ class Spotscape(SSLMethod):
         emb, recon = self.embed(data, device, graph)
         labels, info = self.cluster(emb)
         res, domains = self._results(data, graph, emb, recon, labels, info)
-        self.domain_centroids = np.stack([emb[labels == i].mean(0) for i in range(int(labels.max()) + 1)])
+        # centroids in the space the clustering saw (predict() assigns new spots in that space)
+        space = self.cluster_space(emb)
+        self.domain_centroids = np.stack([space[labels == i].mean(0) for i in range(int(labels.max()) + 1)])
         metrics: dict = {"graph": self.graph_info, "domains": domains}
         if data.n_sections > 1:
             from ..evaluation.clustering import batch_mixing_scores
@@ -570,8 +611,14 @@ class Spotscape(SSLMethod):
         emb, recon = self.embed(data, device, graph)
         if self.domain_centroids is not None:
             # The training slide's domains: nearest domain centroid, so labels match across slides.
+            # nearest centroid in the clustering space; "standardize" / "pca" are re-fitted on the
+            # new slide's embeddings (per-slide statistics), "l2" / "none" need no statistics
             c = np.asarray(self.domain_centroids, np.float32)
-            d = (emb ** 2).sum(1, keepdims=True) - 2 * emb @ c.T + (c ** 2).sum(1)
+            space = self.cluster_space(emb)
+            if space.shape[1] != c.shape[1]:
+                raise SpatialDataError("spotscape: stored domain centroids do not match the clustering space "
+                                       f"({c.shape[1]} vs {space.shape[1]} dims); re-run evaluate().")
+            d = (space ** 2).sum(1, keepdims=True) - 2 * space @ c.T + (c ** 2).sum(1)
             labels, info = d.argmin(1), {"method": "nearest_training_centroid", "n_clusters": len(c)}
         else:
             labels, info = self.cluster(emb)
