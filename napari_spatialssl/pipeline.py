@@ -107,6 +107,9 @@ class Pipeline:
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             _check_out_dir(out, overwrite)
+        ev = getattr(self.config, "eval", None)
+        if ev is not None and hasattr(ev, "validate"):
+            ev.validate()
         data = dataset_from_config(adata, self.config, name=name)
         yield TrainEvent("stage", 0, self.config.epochs, message=f"preparing {self.method_cls.name}")
         self.method.data = data
@@ -222,6 +225,37 @@ def _place_genes(values, data: SpatialDataset, n_vars: int):
     return sp.csr_matrix(M @ P, dtype=np.float32)
 
 
+def _reconstruction_rows(key: str, value, method: str, results: MethodResults, config, metrics: dict):
+    """None = keep every row of the reconstruction layer `key`; else the rows (cells) to keep, per
+    ``config.eval.reconstruction`` (see EvalConfig). The choice is recorded in ``metrics``."""
+    ev = getattr(config, "eval", None)
+    policy = getattr(ev, "reconstruction", "all") if key == f"{method}_reconstruction" else "all"
+    n, n_genes = value.shape
+    masked = results.obs.get(f"{method}_masked")
+    if policy == "auto":
+        policy = "all" if n * n_genes <= getattr(ev, "reconstruction_max_values", np.inf) else "masked"
+    if policy == "all":
+        return None
+    if policy == "masked":
+        rows = np.flatnonzero(np.asarray(masked, bool)) if masked is not None else np.zeros(0, np.int64)
+        why = "evaluation-masked cells" if masked is not None else "none: the method masks no cells"
+    else:
+        rows, why = np.zeros(0, np.int64), "none (eval.reconstruction=none)"
+    metrics["reconstruction_layer"] = {"cells_kept": int(len(rows)), "of_cells": int(n), "which": why,
+                                       "how_to_keep_all": "set eval.reconstruction=all"}
+    return rows
+
+
+def _sparse_rows(values, rows: np.ndarray):
+    """A sparse (n_cells, n_genes) matrix holding only `rows` of `values` (the other rows empty)."""
+    n, g = values.shape
+    sub = values[rows]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    r = np.repeat(rows, g)
+    c = np.tile(np.arange(g), len(rows))
+    return sp.csr_matrix((sub.ravel().astype(np.float32), (r, c)), shape=(n, g))
+
+
 def write_results(adata, method: str, data: SpatialDataset, results: MethodResults, config,
                   metrics: dict):
     """A copy of `adata` with the method's results under the documented keys."""
@@ -231,7 +265,14 @@ def write_results(adata, method: str, data: SpatialDataset, results: MethodResul
     for key, value in results.obsm.items():
         out.obsm[key] = np.asarray(value, dtype=np.float32)
     for key, value in results.layers.items():
-        out.layers[key] = _place_genes(value, data, out.n_vars)
+        rows = _reconstruction_rows(key, value, method, results, config, metrics)
+        if rows is None:
+            out.layers[key] = _place_genes(value, data, out.n_vars)
+        elif len(rows):  # otherwise the layer is left out ("none", or nothing masked)
+            kept = np.zeros(out.n_obs, bool)
+            kept[rows] = True
+            out.layers[key] = _place_genes(_sparse_rows(value, rows), data, out.n_vars)
+            out.obs[f"{method}_reconstructed"] = kept
     for key, value in results.obs.items():
         if isinstance(value, pd.Categorical) or (isinstance(value, pd.Series) and value.dtype == "category"):
             out.obs[key] = pd.Categorical(value)

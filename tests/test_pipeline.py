@@ -102,6 +102,26 @@ def test_results_are_placed_in_the_input_columns_with_hvg(starmap):
     assert starmap.layers.keys() == set() or "gnn-mask_reconstruction" not in starmap.layers  # input untouched
 
 
+def test_reconstruction_layer_policy_keeps_masked_rows_or_none(starmap):
+    """Large slides keep only the masked cells' reconstruction (sparse rows); 'none' leaves it out."""
+    full = fit(starmap, "gnn-mask", overrides=FAST)
+    masked = fit(starmap, "gnn-mask", overrides={**FAST, "eval.reconstruction_max_values": 10})  # auto -> masked
+    m = masked.adata.obs["gnn-mask_masked"].to_numpy().astype(bool)
+    assert m.any() and np.array_equal(masked.adata.obs["gnn-mask_reconstructed"].to_numpy(), m)
+    rec = masked.adata.layers["gnn-mask_reconstruction"]
+    assert sp.issparse(rec) and rec.shape == starmap.shape
+    ref = full.adata.layers["gnn-mask_reconstruction"]
+    ref = ref.toarray() if sp.issparse(ref) else np.asarray(ref)
+    np.testing.assert_allclose(rec.toarray()[m], ref[m], rtol=1e-6)  # same run, same seed
+    assert rec[~m].nnz == 0
+    assert masked.metrics["reconstruction_layer"]["cells_kept"] == int(m.sum())
+    assert "gnn-mask_reconstructed" not in full.adata.obs and "reconstruction_layer" not in full.metrics
+    none = fit(starmap, "gnn-mask", overrides={**FAST, "eval.reconstruction": "none"})
+    assert "gnn-mask_reconstruction" not in none.adata.layers and "X_gnn-mask" in none.adata.obsm
+    with pytest.raises(SpatialDataError, match="eval.reconstruction"):
+        fit(starmap, "gnn-mask", overrides={**FAST, "eval.reconstruction": "some"})
+
+
 def test_same_seed_same_result_other_seed_differs(starmap):
     a = fit(starmap, "gnn-mask", overrides={**FAST, "seed": 4})
     b = fit(starmap, "gnn-mask", overrides={**FAST, "seed": 4})

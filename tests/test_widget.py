@@ -265,6 +265,18 @@ def test_train_overlays_export_reread(viewer_widget, starmap_path, sync, tmp_pat
             assert (layer.border_width[masked.to_numpy().astype(bool)] > 0).all()
         err = viewer.layers[f"{method}: per-cell error"].features["reconstruction MSE"].to_numpy()
         assert np.isfinite(err).all() and (err >= 0).all()
+        if masked is not None and masked.any():
+            # a large slide keeps only the masked cells' reconstruction: the others are blank, not 0
+            kept = masked.to_numpy().astype(bool)
+            out.adata.obs[f"{method}_reconstructed"] = kept
+            layer = w.show_reconstruction(method, gene)
+            shown = layer.features[col].to_numpy()
+            assert np.isnan(shown[~kept]).all() and np.isfinite(shown[kept]).all()
+            assert (layer.face_color[~kept, 3] == 0).all() and "Only the" in w.status.text()
+            w.show_error(method)
+            err = viewer.layers[f"{method}: per-cell error"].features["reconstruction MSE"].to_numpy()
+            assert np.isnan(err[~kept]).all() and np.isfinite(err[kept]).all()
+            del out.adata.obs[f"{method}_reconstructed"]
     assert "domains vs 'cell_type'" in w.metrics_text.toPlainText()
 
     # linked selection: cells picked in the 2-D plot are selected on the tissue and ringed

@@ -1414,6 +1414,9 @@ class SpatialSSLWidget(QWidget):
                 f"gene {gene!r} is not among the {len(model_genes)} genes the model reconstructs (e.g. "
                 f"{', '.join(model_genes[:5])}); pick one of those.")
         recon = overlays.column(output.adata.layers[key], j)
+        kept = self._reconstructed(method)
+        if kept is not None:  # only some cells kept their reconstruction (eval.reconstruction): NaN = none
+            recon[~kept] = np.nan
         values = {f"{gene} reconstructed": recon}
         if data is not None and data.n_cells == output.adata.n_obs:
             observed = overlays.column(data.X, model_genes.index(gene))
@@ -1435,8 +1438,21 @@ class SpatialSSLWidget(QWidget):
         layer.metadata["spatialssl_legend"] = None
         n_masked = int(masked.sum()) if masked is not None else 0
         self.say(f"{method}: reconstructed {gene}; {n_masked:,} masked cells ringed in white (their values "
-                 "come from their neighbourhood only).")
+                 "come from their neighbourhood only)." + self._kept_note(kept))
         return layer
+
+    def _reconstructed(self, method: str):
+        """Boolean per cell when only some cells kept their reconstruction (large slides), else None."""
+        col = f"{method}_reconstructed"
+        obs = self.result(method).adata.obs
+        return obs[col].to_numpy().astype(bool) if col in obs.columns else None
+
+    @staticmethod
+    def _kept_note(kept) -> str:
+        if kept is None:
+            return ""
+        return (f" Only the {int(kept.sum()):,} masked cells kept a reconstruction on this large slide (the "
+                "others are left blank); set eval.reconstruction=all to keep every cell's.")
 
     def _masked(self, method: str):
         col = f"{method}_masked"
@@ -1456,6 +1472,9 @@ class SpatialSSLWidget(QWidget):
             return None
         cols = data.gene_index if data.gene_index is not None else None
         err = overlays.per_cell_error(output.adata.layers[key], data.X, cols)
+        kept = self._reconstructed(method)
+        if kept is not None:
+            err[~kept] = np.nan
         layer = self._result_layer(method, "per-cell error", {"reconstruction MSE": err}, face_color="transparent",
                                    visible=False)
         layer.face_colormap = "viridis"
@@ -1463,8 +1482,11 @@ class SpatialSSLWidget(QWidget):
         layer.face_color = "reconstruction MSE"
         masked = self._masked(method)
         if masked is not None:
-            self.say(f"{method}: per-cell error: masked cells {err[masked].mean():.4g}, others "
-                     f"{err[~masked].mean() if (~masked).any() else float('nan'):.4g} (mean squared error).")
+            others = err[~masked]
+            others = others[np.isfinite(others)]
+            self.say(f"{method}: per-cell error: masked cells {np.nanmean(err[masked]):.4g}, others "
+                     f"{others.mean() if others.size else float('nan'):.4g} (mean squared error)."
+                     + self._kept_note(kept))
         return layer
 
     @explained
