@@ -256,12 +256,27 @@ def _sparse_rows(values, rows: np.ndarray):
     return sp.csr_matrix((sub.ravel().astype(np.float32), (r, c)), shape=(n, g))
 
 
+def _result_anndata(adata):
+    """A new AnnData over the same expression arrays (X, layers, obsm entries are shared, not copied:
+    several GB on an atlas) with its own obs / var / uns and its own key containers, so that adding
+    results never changes the input. Results are only ever added under new keys."""
+    import copy
+
+    import anndata as ad
+
+    if adata.is_view:
+        return adata.copy()
+    return ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=copy.deepcopy(dict(adata.uns)),
+                      obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp),
+                      varp=dict(adata.varp), layers=dict(adata.layers))
+
+
 def write_results(adata, method: str, data: SpatialDataset, results: MethodResults, config,
                   metrics: dict):
     """A copy of `adata` with the method's results under the documented keys."""
     import pandas as pd
 
-    out = adata.copy()
+    out = _result_anndata(adata)
     for key, value in results.obsm.items():
         out.obsm[key] = np.asarray(value, dtype=np.float32)
     for key, value in results.layers.items():

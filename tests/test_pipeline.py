@@ -100,6 +100,9 @@ def test_results_are_placed_in_the_input_columns_with_hvg(starmap):
     assert list(out.adata.uns["spatialssl"]["gnn-mask"]["genes"]) == list(starmap.var_names[used])
     assert json.loads(out.adata.uns["spatialssl"]["gnn-mask"]["config"])["data"]["preprocess"]["n_top_genes"] == 40
     assert starmap.layers.keys() == set() or "gnn-mask_reconstruction" not in starmap.layers  # input untouched
+    assert "X_gnn-mask" not in starmap.obsm and "gnn-mask_masked" not in starmap.obs
+    assert "spatialssl" not in starmap.uns or "gnn-mask" not in starmap.uns["spatialssl"]
+    assert out.adata.X is starmap.X  # the expression is shared, not copied (GBs on an atlas)
 
 
 def test_reconstruction_layer_policy_keeps_masked_rows_or_none(starmap):
