@@ -2,6 +2,12 @@
 domains (K = 7, ARI / NMI per slice), k-NN / MLP probes, masked-region reconstruction against
 the baselines on held-out tiles, for several seeds; train time per epoch and patches per second.
 
+``--validation`` runs the tuning protocol instead: the held-out tiles are left untouched (never
+trained on, never scored); 4 further non-overlapping tiles per slice are cut out of the *training*
+area (no training window touches them) and the masked-region benchmark (square masks) plus
+random-token masks at ratios 0.25 / 0.75 are scored on those validation tiles only. Every
+configuration in the tuning table of benchmarks/patch_mae.md was chosen this way.
+
 Baseline measured in the same run: PCA (same number of dimensions as the embeddings) of the same
 preprocessed expression, clustered and probed identically, so every ratio printed compares the
 two on the same cells, the same K and the same probe split.
@@ -60,6 +66,71 @@ def pca_embedding(data, n_comp: int, seed: int) -> np.ndarray:
     return (np.asarray(X @ svd.components_.T) - mu @ svd.components_.T).astype(np.float32)
 
 
+def validation_run(adata, overrides: list[str], seed: int, per_slice: int = 4, split_seed: int = 1234) -> dict:
+    """Tuning protocol: train on the training area minus `per_slice` validation tiles per slice;
+    score on the validation tiles only (the held-out tiles are neither trained on nor scored)."""
+    from napari_spatialssl.graphs.lattice import tiled_origins
+    from napari_spatialssl.models.patch_mae import PatchMAE, _window_sum
+    from napari_spatialssl.models.vit import random_token_mask
+    from napari_spatialssl.training import Trainer
+
+    cfg = make_config("patch-mae", overrides + [f"seed={seed}"])
+    method = PatchMAE(cfg)
+    method.prepare(dataset_from_config(adata, cfg))
+    h = method.h
+    rng = np.random.default_rng(split_seed)
+    val = []
+    for i, lat in enumerate(method.lattices):
+        tiles = tiled_origins(lat, h, h)
+        tiles = tiles[_window_sum(lat.occupancy, h, h)[tiles[:, 0], tiles[:, 1]] >= cfg.min_occupancy * h * h]
+        held = np.zeros(lat.shape, bool)
+        for r, c in method.holdout[i]:
+            held[r:r + h, c:c + h] = True
+        tiles = tiles[[not held[r:r + h, c:c + h].any() for r, c in tiles]]
+        pick = tiles[np.sort(rng.choice(len(tiles), size=min(per_slice, len(tiles)), replace=False))]
+        blocked = np.zeros(lat.shape, bool)
+        for r, c in pick:
+            blocked[r:r + h, c:c + h] = True
+        o = method.train_origins[i]
+        method.train_origins[i] = o[_window_sum(blocked, h, h)[o[:, 0], o[:, 1]] == 0]
+        val.append(pick)
+    method.holdout = val  # validation tiles stand in for the held-out ones from here on
+    method._val = None
+    trainer = Trainer(cfg)
+    trainer.fit(method)
+    dev = torch.device("cpu")
+    rec = method.masked_region_benchmark(dev)
+
+    @torch.no_grad()
+    def random_masks(ratio: float) -> dict:
+        model = method.model.eval()
+        mae = model.mae
+        g = torch.Generator().manual_seed(7)
+        se, n = {"model": 0.0, "context_base": 0.0}, 0
+        for b in method._holdout_batch_list(np.random.default_rng(99)):
+            pb = b.patches
+            genes, occ, raw = (torch.as_tensor(pb.genes), torch.as_tensor(pb.occupancy), torch.as_tensor(pb.values))
+            x = model.standardise(raw, occ, genes)
+            tocc = mae.token_occupancy(occ)
+            for _ in range(4):
+                msk = random_token_mask(tocc, ratio, torch.rand(tocc.shape, generator=g))
+                t = mae.from_tokens(msk[:, :, None]).squeeze(-1) & occ
+                pred = model.unstandardise(mae(x, occ, genes, msk).float(), genes)
+                base = model.unstandardise(mae.context_base(x, occ, tocc & ~msk).float(), genes)
+                se["model"] += float(((pred - raw)[t] ** 2).sum())
+                se["context_base"] += float(((base - raw)[t] ** 2).sum())
+                n += int(t.sum()) * raw.shape[-1]
+        return {k: v / max(n, 1) for k, v in se.items()}
+
+    hist = trainer.result.history
+    return {"overrides": overrides, "seed": seed, "validation_tiles": int(sum(len(v) for v in val)),
+            "train_seconds": trainer.result.train_seconds, "final_loss": hist[-1]["loss"],
+            "final_val_loss": hist[-1]["val_loss"], "bandwidth_bins": rec.get("bandwidth_bins"),
+            "square_masks": {z: {k: r[k] for k in ("model", "context_base", "zeros", "patch_mean", "nearest", "idw")}
+                             for z, r in rec["by_mask_size"].items()},
+            "random_masks": {str(r): random_masks(r) for r in (0.25, 0.75)}}
+
+
 def _print_epoch(event) -> None:
     if event.kind == "epoch":
         print(f"    epoch {event.epoch}: loss {event.losses.get('loss', float('nan')):.4f} "
@@ -74,6 +145,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides name=value")
     ap.add_argument("--out", type=str, default=None)
+    ap.add_argument("--validation", action="store_true",
+                    help="tuning protocol: score on validation tiles cut from the training area only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not DATA.exists():
@@ -82,6 +155,22 @@ def main(argv=None) -> dict:
     adata = read_h5ad(DATA)
     overrides = [f"epochs={args.epochs}", "eval.n_domains=7", "eval.domain_key=layer", "data.label_key=layer",
                  "data.section_key=sample_id", "holdout_fraction=0.2", "reconstruction_layer=false", *args.set]
+    if args.validation:
+        vals = []
+        for seed in args.seeds:
+            v = validation_run(adata, overrides, seed)
+            sq = v["square_masks"]
+            print(f"seed {seed} (validation tiles): " + " | ".join(
+                f"{z}x{z} model {r['model']['mse']:.4f}/{r['model']['mae']:.4f} base {r['context_base']['mse']:.4f} "
+                f"patch-mean {r['patch_mean']['mse']:.4f} idw {r['idw']['mse']:.4f}/{r['idw']['mae']:.4f}"
+                for z, r in sq.items()) + " | " + " ".join(
+                f"random {q}: {r['model']:.4f} vs base {r['context_base']:.4f}" for q, r in v["random_masks"].items()),
+                flush=True)
+            vals.append(v)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"validation_runs": vals}, indent=1, default=float))
+        return {"validation_runs": vals}
     runs = []
     load_start = os.getloadavg()
     for seed in args.seeds:

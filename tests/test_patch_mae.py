@@ -90,7 +90,7 @@ def test_random_token_mask_ratio_and_at_least_one_visible():
     assert ((occ & ~masked).sum(1) >= 1).all()
 
 
-@pytest.mark.parametrize("residual", ["local", "patch_mean", "none"])
+@pytest.mark.parametrize("residual", ["local", "patch_mean", "none", "attend"])
 def test_encoder_never_sees_masked_or_empty_bins(residual):
     torch.manual_seed(0)
     mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
@@ -157,6 +157,89 @@ def test_local_context_base_is_a_gaussian_mean_of_visible_bins():
     assert float(base[0, 3, 0, 0]) == pytest.approx((far[0] * 1 + far[1] * 3) / far.sum(), rel=1e-5)
 
 
+def test_attend_base_starts_as_the_gaussian_base_and_uses_visible_bins_only():
+    torch.manual_seed(2)
+    mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
+                                 decoder_heads=2, residual="attend").eval()
+    values, occ, genes = _random_batch()
+    tok = mae.token_occupancy(occ)
+    masked = random_token_mask(tok, 0.75)
+    visible = tok & ~masked
+    states, order, pad = mae.encode(values, occ, genes, visible)
+    x = mae.decode(states, order, pad, tok, genes, context=(values, occ, visible))
+    dev = mae.decode(states, order, pad, tok, genes)  # the readout's deviation alone
+    gauss = mae.context_base(values, occ, visible)
+    assert torch.allclose(x - dev, gauss, atol=1e-5)  # content term starts at zero
+    with torch.no_grad():  # a content term changes the weights, still over visible bins only
+        mae.attn_q.weight.normal_()
+    z = torch.randn(5, 64, 16)
+    base = mae.attend_base(z, values, occ, visible)
+    assert not torch.allclose(base, gauss, atol=1e-3)
+    changed = values.clone()
+    hidden = (masked.reshape(occ.shape) & occ) | ~occ
+    changed[hidden] = 7.0
+    assert torch.allclose(mae.attend_base(z, changed, occ, visible), base, atol=1e-5)
+    lo = torch.where(visible.reshape(occ.shape)[..., None], values, torch.full_like(values, 1e9)).amin((1, 2))
+    hi = torch.where(visible.reshape(occ.shape)[..., None], values, torch.full_like(values, -1e9)).amax((1, 2))
+    assert (base >= lo[:, None, None] - 1e-5).all() and (base <= hi[:, None, None] + 1e-5).all()  # a convex mix
+
+
+def test_region_mix_masks_squares_in_a_fraction_of_training_patches(slide):
+    cfg = make_config("patch-mae", FAST + ["region_mix=0.5", "mask.region_size=3", "mask.n_regions=2",
+                                           "patches_per_epoch=256", "batch_size=256"])
+    method = PatchMAE(cfg)
+    method.prepare(dataset_from_config(slide, cfg))
+    batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
+    assert batch.use_regions is not None and 0.3 < batch.use_regions.mean() < 0.7
+    sq = batch.token_mask.reshape(-1, 8, 8)
+    n = sq.sum((1, 2))
+    assert n.min() >= 1 and n.max() <= 2 * 9  # 1-2 squares of side 1-3
+    _, _, occ, _, masked = method._tensors(batch, torch.device("cpu"))
+    masked = masked.numpy()
+    use = batch.use_regions
+    tok_occ = occ.reshape(len(use), -1).numpy()
+    assert not (masked & ~tok_occ).any()
+    assert np.array_equal(masked[use], batch.token_mask[use] & tok_occ[use])
+    loss = method.training_loss(batch, torch.device("cpu"))["loss"]
+    assert torch.isfinite(loss)
+
+
+def test_attend_without_deviation_predicts_a_convex_mix_of_visible_bins():
+    torch.manual_seed(3)
+    mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
+                                 decoder_heads=2, residual="attend", deviation=False).eval()
+    assert mae.readout is None
+    values, occ, genes = _random_batch()
+    tok = mae.token_occupancy(occ)
+    masked = random_token_mask(tok, 0.75)
+    out = mae(values, occ, genes, masked)
+    assert torch.allclose(out, mae.context_base(values, occ, tok & ~masked), atol=1e-5)  # zero-initialised content
+    with torch.no_grad():
+        mae.attn_q.weight.normal_()
+        mae.attn_bw.weight.normal_(std=0.3)
+    out = mae(values, occ, genes, masked)
+    assert not torch.allclose(out, mae.context_base(values, occ, tok & ~masked), atol=1e-3)
+    out.sum().backward()  # the encoder learns through the interpolation weights alone
+    assert mae.embed.gene.weight.grad is not None and float(mae.embed.gene.weight.grad.abs().sum()) > 0
+
+
+def test_per_patch_loss_weighs_every_patch_equally(slide):
+    cfg = make_config("patch-mae", FAST + ["region_mix=0.5", "loss_per_patch=true"])
+    method = PatchMAE(cfg)
+    method.prepare(dataset_from_config(slide, cfg))
+    batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
+    torch.manual_seed(0)
+    loss = float(method.training_loss(batch, torch.device("cpu"))["loss"].detach())
+    _, x, occ, genes, masked = method._tensors(batch, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pred = method.model.mae(x, occ, genes, masked)
+    t = masked.reshape(occ.shape) & occ
+    err = ((pred - x) ** 2).mean(-1)
+    per = [float(err[i][t[i]].mean()) for i in range(len(t)) if t[i].any()]
+    assert loss == pytest.approx(float(np.mean(per)), rel=1e-4)
+
+
 # -- data view, hold-out and baselines ------------------------------------------------------
 
 
@@ -208,7 +291,9 @@ def test_baselines_on_a_hand_made_patch():
 
 def test_config_validation():
     for bad, match in [("token_bins=3", "divide"), ("mask.strategy=niches", "mask.strategy"),
-                       ("domain_clustering=x", "joint"), ("eval_mask_sizes=40", "eval_mask_sizes")]:
+                       ("domain_clustering=x", "joint"), ("eval_mask_sizes=40", "eval_mask_sizes"),
+                       ("region_mix=1.5", "region_mix"), ("residual_readout=median", "residual_readout"),
+                       ("decoder_deviation=false", "decoder_deviation")]:
         cfg = make_config("patch-mae", [bad])
         with pytest.raises(SpatialDataError, match=match):
             cfg.validate()

@@ -77,7 +77,7 @@ from ..graphs.lattice import (
 )
 from ..masking import MaskConfig, regions
 from .base import MethodResults, SSLMethod, register
-from .vit import PatchMaskedAutoencoder, random_token_mask
+from .vit import RESIDUAL_MODES, PatchMaskedAutoencoder, random_token_mask
 
 NAME = "patch-mae"
 MASK_STRATEGIES = ("random_cells", "regions")
@@ -131,6 +131,9 @@ class PatchMAEConfig(TrainConfig):
     decoder_depth: int = 1
     decoder_heads: int = 4
     residual_readout: str = "local"
+    region_mix: float = 0.0
+    loss_per_patch: bool = False
+    decoder_deviation: bool = True
     holdout_fraction: float = 0.15
     holdout_seed: int = 0
     eval_mask_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -156,12 +159,17 @@ class PatchMAEConfig(TrainConfig):
             )
         if not 0.0 < self.mask.ratio < 1.0:
             raise SpatialDataError(f"mask.ratio must be between 0 and 1 (exclusive), got {self.mask.ratio}.")
+        if not self.decoder_deviation and self.residual_readout != "attend":
+            raise SpatialDataError("decoder_deviation=false needs residual_readout='attend' (otherwise nothing the "
+                                   "encoder computes reaches the prediction).")
+        if not 0.0 <= self.region_mix <= 1.0:
+            raise SpatialDataError(f"region_mix must be in [0, 1], got {self.region_mix}.")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise SpatialDataError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}.")
         if not 0.0 <= self.min_occupancy <= 1.0:
             raise SpatialDataError(f"min_occupancy must be in [0, 1], got {self.min_occupancy}.")
-        if self.residual_readout not in ("none", "patch_mean", "local"):
-            raise SpatialDataError(f"residual_readout must be 'none', 'patch_mean' or 'local', got {self.residual_readout!r}.")
+        if self.residual_readout not in RESIDUAL_MODES:
+            raise SpatialDataError(f"residual_readout must be one of {RESIDUAL_MODES}, got {self.residual_readout!r}.")
         if self.domain_clustering not in ("joint", "per_section"):
             raise SpatialDataError(f"domain_clustering must be 'joint' or 'per_section', got {self.domain_clustering!r}.")
         if self.dim % 4 or self.decoder_dim % 4 or self.dim % self.heads or self.decoder_dim % self.decoder_heads:
@@ -182,7 +190,7 @@ class PatchMAEModel(nn.Module):
         c = config
         self.mae = PatchMaskedAutoencoder(n_genes, (c.patch_size, c.patch_size), c.token_bins, c.dim, c.depth,
                                           c.heads, c.decoder_dim, c.decoder_depth, c.decoder_heads,
-                                          residual=c.residual_readout)
+                                          residual=c.residual_readout, deviation=c.decoder_deviation)
         self.register_buffer("gene_mean", torch.zeros(n_genes))
         self.register_buffer("gene_scale", torch.ones(n_genes))
 
@@ -202,7 +210,8 @@ class PatchMAEModel(nn.Module):
 class _Batch:
     patches: PatchBatch
     mask_noise: np.ndarray | None  # (P, T) uniform numbers (random_cells strategy)
-    token_mask: np.ndarray | None  # (P, T) bool (regions strategy)
+    token_mask: np.ndarray | None  # (P, T) bool (regions strategy, or the square masks of region_mix)
+    use_regions: np.ndarray | None = None  # (P,) bool: patch uses token_mask, not mask_noise (region_mix)
 
 
 class _EpochBatches:
@@ -378,7 +387,27 @@ class PatchMAE(SSLMethod):
             size = min(cfg.mask.region_size, g)
             tm = regions((g, g), size, cfg.mask.n_regions, rng, batch=len(pb)).reshape(len(pb), T)
             return _Batch(pb, None, tm)
-        return _Batch(pb, rng.random((len(pb), T)).astype(np.float32), None)
+        noise = rng.random((len(pb), T)).astype(np.float32)
+        if cfg.region_mix > 0:
+            return _Batch(pb, noise, *self._mixed_regions(len(pb), rng))
+        return _Batch(pb, noise, None)
+
+    def _mixed_regions(self, P: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Square masks for ``region_mix``: each patch, with probability region_mix, hides 1 to
+        mask.n_regions squares of side 1 to mask.region_size tokens (uniform, drawn per patch);
+        vectorised over patches, one pass per distinct (side, count)."""
+        cfg = self.config
+        g = self.h // cfg.token_bins
+        use = rng.random(P) < cfg.region_mix
+        sides = rng.integers(1, min(cfg.mask.region_size, g) + 1, size=P)
+        counts = rng.integers(1, max(cfg.mask.n_regions, 1) + 1, size=P)
+        tm = np.zeros((P, g * g), dtype=bool)
+        for side in np.unique(sides):
+            for count in np.unique(counts):
+                idx = np.flatnonzero((sides == side) & (counts == count))
+                if len(idx):
+                    tm[idx] = regions((g, g), int(side), int(count), rng, batch=len(idx)).reshape(len(idx), -1)
+        return tm, use
 
     def train_batches(self, epoch: int, rng: np.random.Generator):
         cfg = self.config
@@ -400,7 +429,11 @@ class PatchMAE(SSLMethod):
         raw = torch.as_tensor(pb.values, device=device)
         x = self.model.standardise(raw, occ, genes)
         tok_occ = self.model.mae.token_occupancy(occ)
-        if batch.token_mask is not None:
+        if batch.use_regions is not None:
+            sq = torch.as_tensor(batch.token_mask, device=device) & tok_occ
+            rnd = random_token_mask(tok_occ, self.config.mask.ratio, torch.as_tensor(batch.mask_noise, device=device))
+            masked = torch.where(torch.as_tensor(batch.use_regions, device=device)[:, None], sq, rnd)
+        elif batch.token_mask is not None:
             masked = torch.as_tensor(batch.token_mask, device=device) & tok_occ
         else:
             masked = random_token_mask(tok_occ, self.config.mask.ratio,
@@ -415,7 +448,13 @@ class PatchMAE(SSLMethod):
         if not bool(bin_masked.any()):
             return pred.sum() * 0.0
         err = (pred.float() - x.float()) ** 2
-        return err[bin_masked].mean()
+        if not self.config.loss_per_patch:
+            return err[bin_masked].mean()
+        # every patch weighs the same, however few bins it hides (a 2 x 2 square as much as 75 %)
+        w = bin_masked.float()
+        n = w.sum((1, 2))
+        per_patch = (err.mean(-1) * w).sum((1, 2)) / n.clamp(min=1)
+        return per_patch[n > 0].mean()
 
     def training_loss(self, batch: _Batch, device: torch.device) -> dict[str, torch.Tensor]:
         return {"loss": self._masked_loss(batch, device)}
@@ -510,8 +549,11 @@ class PatchMAE(SSLMethod):
                     visible = tok_occ & (group == g)
                     masked = tok_occ & ~visible
                     states, order, pad = mae.encode(x, occ, genes, visible)
-                    base = mae.context_base(x_all, occ, visible) if mae.residual != "none" else None
-                    pred = mae.decode(states, order, pad, tok_occ, out_genes, base)
+                    if mae.residual == "attend":
+                        pred = mae.decode(states, order, pad, tok_occ, out_genes, context=(x_all, occ, visible))
+                    else:
+                        base = mae.context_base(x_all, occ, visible) if mae.residual != "none" else None
+                        pred = mae.decode(states, order, pad, tok_occ, out_genes, base)
                     pred = model.unstandardise(pred.float(), out_genes)
                     bin_masked = mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
                     flat, keep = self._bin_index(o, lat, bin_masked)
@@ -591,7 +633,7 @@ class PatchMAE(SSLMethod):
             "context_base_mse": mean_of("context_base", "mse"),
             "beats_own_context_base_mse": beats_base if cfg.residual_readout != "none" else None,
             "residual_readout": cfg.residual_readout,
-            "bandwidth_bins": float(torch.exp(mae.log_bandwidth)) if cfg.residual_readout == "local" else None,
+            "bandwidth_bins": float(torch.exp(mae.log_bandwidth)) if cfg.residual_readout in ("local", "attend") else None,
             "held_out": (f"{sum(len(o) for o in self.holdout)} non-overlapping {h}x{h} tiles "
                          f"({cfg.holdout_fraction:.0%} of each section's tiles, seed {cfg.holdout_seed}); "
                          "no training patch overlaps them"),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 
-RESIDUAL_MODES = ("none", "patch_mean", "local")
+RESIDUAL_MODES = ("none", "patch_mean", "local", "attend")
 
 
 def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -109,11 +109,13 @@ class PatchMaskedAutoencoder(nn.Module):
     def __init__(self, n_genes: int, patch_size: tuple[int, int] = (16, 16), token_bins: int = 1,
                  dim: int = 64, depth: int = 2, heads: int = 4, decoder_dim: int = 64,
                  decoder_depth: int = 1, decoder_heads: int = 4, mlp_ratio: float = 4.0,
-                 residual: str = "local"):
+                 residual: str = "local", deviation: bool = True):
         super().__init__()
         if residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}.")
         self.residual = residual
+        # the readout's additive deviation from the base; without a base it is the prediction
+        self.deviation = bool(deviation) or residual == "none"
         h, w = int(patch_size[0]), int(patch_size[1])
         p = int(token_bins)
         if p < 1 or h % p or w % p:
@@ -135,7 +137,19 @@ class PatchMaskedAutoencoder(nn.Module):
         self.register_buffer("dec_pos", sincos_2d(*self.grid, decoder_dim), persistent=False)
         self.decoder = transformer(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
         self.unmerge = nn.Linear(decoder_dim, p * p * decoder_dim) if p > 1 else nn.Identity()
-        self.readout = GeneReadout(n_genes, decoder_dim)
+        self.readout = GeneReadout(n_genes, decoder_dim) if self.deviation else None
+        if residual == "attend":
+            # content term of the interpolation weights; q starts at zero, so the model starts as
+            # exactly the Gaussian base and learns where to depart from it
+            self.attn_dim = max(decoder_dim // 2, 4)
+            self.attn_q = nn.Linear(decoder_dim, self.attn_dim)
+            self.attn_k = nn.Linear(decoder_dim, self.attn_dim)
+            nn.init.zeros_(self.attn_q.weight)
+            nn.init.zeros_(self.attn_q.bias)
+            # per-bin change of the log bandwidth (e.g. sharper where the visible context is dense)
+            self.attn_bw = nn.Linear(decoder_dim, 1)
+            nn.init.zeros_(self.attn_bw.weight)
+            nn.init.zeros_(self.attn_bw.bias)
         # bandwidth (bins) of the 'local' base, learned on a log scale; starts at a quarter patch
         self.log_bandwidth = nn.Parameter(torch.tensor(math.log(max(min(h, w) / 4.0, 1.0))))
         rr, cc = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
@@ -201,7 +215,9 @@ class PatchMaskedAutoencoder(nn.Module):
         return self.from_tokens(visible[:, :, None].expand(-1, -1, p * p)) & occupancy
 
     def context_base(self, values: torch.Tensor, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
-        """The residual base (B, h, w, m) from the visible occupied bins only (None when 'none')."""
+        """The residual base (B, h, w, m) from the visible occupied bins only (None when 'none').
+        For 'attend' this is the Gaussian part alone (the content term set to zero): the smoother
+        the model starts from, against which the decoder's contribution is measured."""
         if self.residual == "none":
             return None
         B, h, w, m = values.shape
@@ -216,10 +232,33 @@ class PatchMaskedAutoencoder(nn.Module):
         base = torch.bmm(wgt, v) / wgt.sum(2, keepdim=True).clamp(min=1e-12)
         return base.reshape(B, h, w, m)
 
+    def attend_base(self, z: torch.Tensor, values: torch.Tensor, occupancy: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+        """'attend' base (B, h, w, m): weights over the visible occupied bins are
+        softmax(-d_ij^2 / (2 bw_i^2) + <q_i, k_j> / sqrt(d_k)) with q, k and the per-bin log
+        bandwidth change (log bw_i = log bandwidth + a(z_i)) projected from the decoder's per-bin
+        states z (B, hw, dd), so the decoder decides which visible bins resemble the bin to fill
+        (e.g. across a layer boundary) and how far to look (e.g. less far where the visible
+        context is dense). Keys of masked bins are never used."""
+        B, h, w, m = values.shape
+        vis = self.visible_bins(occupancy, visible).reshape(B, h * w)
+        q, k = self.attn_q(z), self.attn_k(z)
+        logits = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(self.attn_dim)
+        log_bw = (self.log_bandwidth + self.attn_bw(z).squeeze(-1)).clamp(-3.0, 5.0)  # (B, hw)
+        bw2 = torch.exp(2 * log_bw)[:, :, None]
+        logits = logits - self.bin_dist2.to(logits.dtype)[None] / (2 * bw2).to(logits.dtype)
+        logits = logits.masked_fill(~vis[:, None, :], -1e4)
+        wgt = torch.softmax(logits.float(), dim=2) * vis[:, None, :]  # exact zeros off the visible bins
+        base = torch.bmm(wgt, values.reshape(B, h * w, m).float()) / wgt.sum(2, keepdim=True).clamp(min=1e-12)
+        return base.reshape(B, h, w, m)
+
     def decode(self, states: torch.Tensor, order: torch.Tensor, pad: torch.Tensor, token_occ: torch.Tensor,
-               genes: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+               genes: torch.Tensor, base: torch.Tensor | None = None,
+               context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens,
-        plus `base` (B, h, w, m) (see :meth:`context_base`) when given."""
+        plus `base` (B, h, w, m) (see :meth:`context_base`) when given. With 'attend', pass
+        `context` = (values (B, h, w, m) to interpolate, occupancy, visible tokens) instead: the
+        base is then :meth:`attend_base` of the decoder's states."""
         B = states.shape[0]
         enc = self.enc_to_dec(states)  # (B, 1 + L, dd)
         dd = self.decoder_dim
@@ -233,6 +272,13 @@ class PatchMaskedAutoencoder(nn.Module):
         x = torch.cat([enc[:, :1], tokens], dim=1)
         x = _run(self.decoder, x, None)[:, 1:]  # (B, T, dd)
         x = self.unmerge(x).reshape(B, self.n_tokens * self.p * self.p, dd)
+        if self.residual == "attend" and context is not None:
+            z = self.from_tokens(x.reshape(B, self.n_tokens, self.p * self.p, dd)).reshape(B, self.h * self.w, dd)
+            base = self.attend_base(z, *context)
+        if self.readout is None:
+            if base is None:
+                raise ValueError("decode without a readout needs a base (or a context with residual='attend').")
+            return base
         pred = self.readout(x, genes)  # (B, T * pp, m)
         pred = self.from_tokens(pred.reshape(B, self.n_tokens, self.p * self.p, -1))
         return pred if base is None else pred + base.to(pred.dtype)
@@ -243,6 +289,8 @@ class PatchMaskedAutoencoder(nn.Module):
         token_occ = self.token_occupancy(occupancy)
         visible = token_occ & ~masked
         states, order, pad = self.encode(values, occupancy, genes, visible)
+        if self.residual == "attend":
+            return self.decode(states, order, pad, token_occ, genes, context=(values, occupancy, visible))
         base = self.context_base(values, occupancy, visible)
         return self.decode(states, order, pad, token_occ, genes, base)
 
