@@ -99,6 +99,32 @@ def test_scale_loss_matches_dense_in_blocks(n_slices):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
+def test_scale_loss_detach_own_same_value_gradient_only_through_other_slices():
+    n, d = 80, 6
+    z1, z2 = _pair(n, d, seed=11)
+    section = torch.from_numpy(np.random.default_rng(2).integers(0, 2, n))
+    both = similarity_scale_loss(z1, z2, section, k=3, block_size=16)
+    det = similarity_scale_loss(z1, z2, section, k=3, block_size=16, detach_own=True)
+    torch.testing.assert_close(det, both)  # the value is unchanged
+    g_det = torch.autograd.grad(det, (z1, z2))
+    dense = similarity_scale_loss_dense(z1, z2, section, k=3, detach_own=True)
+    for a, b in zip(g_det, torch.autograd.grad(dense, (z1, z2))):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    g_both = torch.autograd.grad(similarity_scale_loss(z1, z2, section, k=3), (z1, z2))
+    assert not torch.allclose(g_det[1], g_both[1])
+    # with one embedding per view, detached own: moving z2 inside a slice alone cannot change the
+    # loss through the own-slice term, so the z2 gradient equals the inter-slice part only
+    z = torch.zeros(40, 4, dtype=torch.float64)
+    z[:20, 0] = 1 + 0.01 * torch.randn(20, dtype=torch.float64)
+    z[20:, 1] = 1 + 0.01 * torch.randn(20, dtype=torch.float64)
+    z.requires_grad_(True)
+    sec = torch.tensor([0] * 20 + [1] * 20)
+    loss = similarity_scale_loss(z, z.detach(), sec, k=3, detach_own=True)
+    (g,) = torch.autograd.grad(loss, z)
+    # descending the loss raises the inter-slice similarity: each spot moves towards the other slice
+    assert (g[:20, 1] < 0).all() and (g[20:, 0] < 0).all()
+
+
 def test_scale_loss_anchors():
     z1, z2 = _pair(60, 6, seed=5)
     section = torch.from_numpy(np.random.default_rng(1).integers(0, 3, 60))

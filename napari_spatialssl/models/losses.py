@@ -54,7 +54,7 @@ def _slice_members(section: torch.Tensor, n_slices: int) -> list[torch.Tensor]:
 
 def similarity_scale_loss(z1: torch.Tensor, z2: torch.Tensor, section: torch.Tensor, k: int = 5,
                           block_size: int = 4096, eps: float = 1e-12,
-                          anchors: torch.Tensor | None = None) -> torch.Tensor:
+                          anchors: torch.Tensor | None = None, detach_own: bool = False) -> torch.Tensor:
     """Similarity-scale matching between slices, in row blocks (memory O(block_size x N)).
 
     For every spot i (slice s) and every other slice t: m_it = mean of i's top-k cosine
@@ -64,6 +64,8 @@ def similarity_scale_loss(z1: torch.Tensor, z2: torch.Tensor, section: torch.Ten
     inter-slice similarities smaller). Any number of slices; slices with <= k spots are skipped as
     targets. Returns 0 for a single slice. `anchors` (spot indices): score only these spots' rows
     (still against every spot of every slice), an unbiased estimate at anchors x N x d cost.
+    `detach_own`: the within-slice level m_is is a target (no gradient), so the loss can only move
+    the inter-slice similarities towards it, not shrink a spot's within-slice similarities.
     """
     section = section.to(z1.device).long()
     n_slices = int(section.max().item()) + 1 if section.numel() else 0
@@ -95,6 +97,8 @@ def similarity_scale_loss(z1: torch.Tensor, z2: torch.Tensor, section: torch.Ten
             sim_own = sim_own.index_put((torch.arange(rows.numel(), device=z1.device), pos),
                                         torch.tensor(-math.inf, device=z1.device, dtype=sim_own.dtype))
             own = sim_own.topk(k, dim=1).values.mean(1).double()
+            if detach_own:
+                own = own.detach()
             del sim_own
             for t, rows_t in enumerate(members):
                 if t == s or not usable[t]:
@@ -108,7 +112,7 @@ def similarity_scale_loss(z1: torch.Tensor, z2: torch.Tensor, section: torch.Ten
 
 
 def similarity_scale_loss_dense(z1: torch.Tensor, z2: torch.Tensor, section: torch.Tensor, k: int = 5,
-                                eps: float = 1e-12) -> torch.Tensor:
+                                eps: float = 1e-12, detach_own: bool = False) -> torch.Tensor:
     """Reference for tests: the same loss from the full N x N similarity matrix."""
     a = F.normalize(z1, dim=1, eps=eps)
     b = F.normalize(z2, dim=1, eps=eps)
@@ -124,6 +128,8 @@ def similarity_scale_loss_dense(z1: torch.Tensor, z2: torch.Tensor, section: tor
         for t in range(n_slices)
     ])  # (n_slices, n): mean top-k similarity of each spot within each slice
     own = means[section, torch.arange(n, device=s.device)]
+    if detach_own:
+        own = own.detach()
     use = valid[:, None] & valid[section][None, :]
     use &= torch.arange(n_slices, device=s.device)[:, None] != section[None, :]
     diff = (own[None, :] - means) ** 2

@@ -121,6 +121,9 @@ class SpotscapeConfig(TrainConfig):
     lambda_scale: float = 1.0  # several slices only
     lambda_proto: float = 0.01  # several slices only
     scale_top_k: int = 5
+    # True: a spot's within-slice top-k similarity is the target of the scale matching (no
+    # gradient through it); False: both sides move (the loss can also lower within-slice ones).
+    scale_detach_own: bool = False
     scale_block_size: int = 4096
     # Anchor spots per step for the scale matching (random draw; each is compared with every spot
     # of every slice). Exact over all spots costs N^2 d per step; anchors make it anchors x N x d.
@@ -477,7 +480,8 @@ class Spotscape(SSLMethod):
             if c.scale_anchor_spots is not None and c.scale_anchor_spots < n:
                 anchors = torch.randperm(n, device=device, generator=gen)[:c.scale_anchor_spots]
             l_ss = similarity_scale_loss(z[0].float(), z[1].float(), t["section"], k=c.scale_top_k,
-                                         block_size=c.scale_block_size, anchors=anchors)
+                                         block_size=c.scale_block_size, anchors=anchors,
+                                         detach_own=c.scale_detach_own)
             loss = loss + c.lambda_scale * l_ss
             losses["scale"] = l_ss.detach()
         if getattr(self, "_prototypes_due", False):
