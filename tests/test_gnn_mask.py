@@ -51,10 +51,10 @@ def _method(adata, **over):
     return m, data
 
 
-@pytest.mark.parametrize("encoder", ["gcn", "gat"])
-def test_egonet_centre_outputs_equal_whole_graph(starmap, encoder):
-    whole, data = _method(starmap, encoder=encoder, graph_mode="whole", radius=300)
-    ego, _ = _method(starmap, encoder=encoder, graph_mode="egonet", radius=300, batch_size=400)
+@pytest.mark.parametrize("encoder,root", [("gcn", False), ("gat", False), ("gcn", True)])
+def test_egonet_centre_outputs_equal_whole_graph(starmap, encoder, root):
+    whole, data = _method(starmap, encoder=encoder, graph_mode="whole", radius=300, root_skip=root)
+    ego, _ = _method(starmap, encoder=encoder, graph_mode="egonet", radius=300, batch_size=400, root_skip=root)
     ego.model.load_state_dict(whole.model.state_dict())
     cells = np.arange(data.n_cells)
     mask = np.zeros(data.n_cells, bool)
@@ -212,7 +212,7 @@ def test_classification_helpers():
 def test_finetune_trainer_is_the_shared_trainer(starmap):
     made = []
 
-    def make_trainer(cfg):
+    def make_trainer(cfg, stage=None):
         assert isinstance(cfg, TrainConfig)
         t = Trainer(cfg)
         made.append(t)
@@ -220,5 +220,105 @@ def test_finetune_trainer_is_the_shared_trainer(starmap):
 
     m, data = _method(starmap, **{"finetune.epochs": 2, "finetune.mode": "linear"})
     m.evaluate(data, torch.device("cpu"), make_trainer)
-    assert len(made) == 2  # pretrained and random-init fine-tuning, both by the Trainer
-    assert all(t.result.epochs_run == 2 for t in made)
+    # pretrained and random-init fine-tuning, each early-stopped then refitted, all by the Trainer
+    assert len(made) == 4
+    assert made[0].result.epochs_run == 2 and made[2].result.epochs_run == 2
+
+
+def test_lpft_probe_then_full_finetune_and_finetune_dropout(starmap):
+    made = []
+
+    def make_trainer(cfg, stage=None):
+        t = Trainer(cfg)
+        made.append(t)
+        return t
+
+    m, data = _method(starmap, **{"finetune.epochs": 2, "finetune.probe_epochs": 2, "finetune.probe_lr": 7e-3,
+                                  "finetune.refit": False, "finetune.dropout": 0.3})
+    m.evaluate(data, torch.device("cpu"), make_trainer)
+    # (probe, full) x (pretrained, random init)
+    assert [t.config.lr for t in made] == [7e-3, m.config.finetune.lr] * 2
+    assert made[0].config.patience == 0 and made[0].result.epochs_run == 2
+    enc = m.model.cell_type.encoder
+    assert all(p.requires_grad for p in enc.parameters())  # unfrozen after the probe
+    assert enc.dropout == 0.3 and m.model.encoder.dropout == m.config.dropout
+
+
+def test_root_skip_adds_the_nodes_own_input():
+    from napari_spatialssl.models.gnn_mask import GraphEncoder
+
+    torch.manual_seed(0)
+    enc = GraphEncoder(4, [3], "gcn", dropout=0.0, norm="none", residual=False, root_skip=True).eval()
+    plain = GraphEncoder(4, [3], "gcn", dropout=0.0, norm="none", residual=False).eval()
+    assert plain.roots is None and enc.roots[0].weight.shape == (3, 4)
+    x = torch.randn(3, 4)
+    ei = torch.tensor([[0, 1, 0, 1, 2], [1, 0, 0, 1, 2]])  # 0-1 edge plus self loops
+    ew = torch.full((5,), 0.5)
+    with torch.no_grad():
+        plain.convs[0].lin.weight.copy_(enc.convs[0].lin.weight)
+        plain.convs[0].bias.copy_(enc.convs[0].bias)
+        expected = torch.nn.functional.elu(enc.convs[0](x, ei, ew) + x @ enc.roots[0].weight.T)
+        assert torch.allclose(enc(x, ei, ew), expected, atol=1e-6)
+        assert not torch.allclose(enc(x, ei, ew), plain(x, ei, ew))
+        # with the GCN weights zeroed only the node's own input is left
+        enc.convs[0].lin.weight.zero_()
+        enc.convs[0].bias.zero_()
+        assert torch.allclose(enc(x, ei, ew), torch.nn.functional.elu(x @ enc.roots[0].weight.T), atol=1e-6)
+
+
+def test_finetune_refit_on_all_labelled_training_cells(starmap, monkeypatch):
+    import napari_spatialssl.models.gnn_mask as gm
+
+    made, tasks = [], []
+
+    def make_trainer(cfg, stage=None):
+        t = Trainer(cfg)
+        made.append(t)
+        return t
+
+    class Spy(gm._CellTypeTask):
+        def __init__(self, method, model, train, val, *a, **kw):
+            tasks.append((np.asarray(train).copy(), np.asarray(val).copy()))
+            super().__init__(method, model, train, val, *a, **kw)
+
+    monkeypatch.setattr(gm, "_CellTypeTask", Spy)
+    m, data = _method(starmap, **{"finetune.epochs": 4, "finetune.patience": 2, "finetune.refit": True,
+                                  "finetune.label_smoothing": 0.1, "eval.test_sections": BZ5})
+    c = m.evaluate(data, torch.device("cpu"), make_trainer).metrics["cell_type"]
+    assert c["refit"] and len(made) == 4  # (early-stopped run + refit) x (pretrained, random init)
+    for (first, refit), ((tr, va), (tr2, va2)) in zip((made[:2], made[2:]), (tasks[:2], tasks[2:])):
+        assert refit.config.patience == 0
+        assert refit.result.epochs_run == (first.result.best_epoch or first.result.epochs_run)
+        # refit: all labelled training-section cells (train + validation), nothing held out
+        assert len(va) and not np.intersect1d(tr, va).size and len(va2) == 0
+        assert np.array_equal(tr2, np.sort(np.concatenate([tr, va])))
+        assert (data.section[tr2] != data.section_code(BZ5)).all() and (data.labels[tr2] >= 0).all()
+    info = c["finetune"]
+    assert info["refit_epochs"] == (info["best_epoch"] or info["epochs"])
+    assert c["validation"]["n_cells"] == len(tasks[0][1])  # scored by the early-stopped model
+    assert m.model.cell_type.encoder.dropout == 0.5  # the default fine-tuning dropout
+
+
+def test_stop_during_finetuning_keeps_the_pretrained_head_and_names_stages(starmap):
+    """A Stop that lands while the pretrained head fine-tunes: later trainers start stopped (as
+    Pipeline.make_trainer does), so the random-init baseline is reported skipped, while the
+    pretrained head's predictions and scores are kept."""
+    made, stages = [], []
+
+    def make_trainer(cfg, stage=None):
+        t = Trainer(cfg)
+        stages.append(stage)
+        if made:  # the first (pretrained, early-stopped) run completes; everything after is stopped
+            t.stop()
+        made.append(t)
+        return t
+
+    m, data = _method(starmap, **{"finetune.epochs": 2, "eval.test_sections": BZ5})
+    res = m.evaluate(data, torch.device("cpu"), make_trainer)
+    c = res.metrics["cell_type"]
+    assert 0 <= c["macro_f1"] <= 1 and "gnn-mask_cell_type" in res.obs
+    assert "skipped" in c["baselines"]["random_init"]
+    assert 0 <= c["baselines"]["expression_logreg"]["macro_f1"] <= 1
+    assert "refit_epochs" not in c["finetune"] and "refit_skipped" in c["finetune"]
+    assert stages[0] == "fine-tuning cell types (pretrained encoder)"
+    assert stages[-1] == "fine-tuning cell types (random-init encoder, baseline)"

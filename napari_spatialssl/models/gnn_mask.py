@@ -39,7 +39,7 @@ Results (see models/base.py for the key convention):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -78,7 +78,11 @@ class FinetuneConfig:
     mode: 'full' (encoder and head trained) or 'linear' (encoder frozen: a linear probe);
     class_weights: 'balanced' | 'sqrt' | 'none' (weighted cross-entropy against imbalance);
     val_fraction: share of the labelled training-section cells held out for early stopping;
-    epochs / lr / weight_decay / patience: as in TrainConfig, for this stage.
+    epochs / lr / weight_decay / patience: as in TrainConfig, for this stage;
+    refit: after early stopping, retrain from the same start on all labelled training-section
+    cells for the chosen number of epochs; dropout: the encoder's feature dropout while
+    fine-tuning. The defaults (with ``head_skip=True`` in GnnMaskConfig) were chosen on a
+    validation split of the training section; see benchmarks/gnn_mask.md.
     """
 
     mode: str = "full"
@@ -91,6 +95,16 @@ class FinetuneConfig:
     batch_size: int = 256  # cells per step of the linear probe (on precomputed embeddings)
     # early stopping on the validation cells: 'macro_f1' (stops on 1 - macro F1) or 'loss' (weighted CE)
     early_stop_metric: str = "macro_f1"
+    # refit: after early stopping has chosen the number of epochs on the validation split, train a
+    # fresh copy (same starting encoder) on *all* labelled training-section cells for that many
+    # epochs; the validation scores reported are those of the early-stopped model
+    refit: bool = True
+    label_smoothing: float = 0.0
+    dropout: float | None = 0.5  # encoder feature dropout while fine-tuning; None = the pretraining value
+    # 'full' mode: train the head alone (encoder frozen, minibatches, probe_lr) for this many
+    # epochs before full fine-tuning (LP-FT, Kumar et al. 2022); 0 = off
+    probe_epochs: int = 0
+    probe_lr: float = 5e-3
 
 
 @dataclass
@@ -119,12 +133,16 @@ class GnnMaskConfig(TrainConfig):
     dropout: float = 0.2
     norm: str = "layer"  # layer | batch | none
     residual: bool = True
+    # root skip: every GCN layer adds a linear map of the node's own input before the norm
+    # (h' = GCNConv(h) + W_root h, as in GraphConv), so a cell's own expression is not diluted by
+    # the ~1/(degree+1) self weight of the symmetric normalisation
+    root_skip: bool = False
     # decoder + mask token
     decoder: str = "mlp"  # mlp | linear
     decoder_hidden: int = 128
     mask_token: str = "learned"  # learned | zeros
     standardize_input: bool = True  # encoder input = (x - mean) / s.d. of the training cells' genes
-    head_skip: bool = False  # True: the classifier head reads [embedding, the cell's own standardised input]
+    head_skip: bool = True  # True: the classifier head reads [embedding, the cell's own standardised input]
     # held-out cells
     val_fraction: float = 0.1
     max_val_cells: int = 20000
@@ -168,7 +186,7 @@ class GraphEncoder(nn.Module):
     (a linear projection where the width changes)."""
 
     def __init__(self, in_dim: int, hidden_dims: list[int], conv: str = "gcn", heads: int = 4,
-                 dropout: float = 0.2, norm: str = "layer", residual: bool = True):
+                 dropout: float = 0.2, norm: str = "layer", residual: bool = True, root_skip: bool = False):
         super().__init__()
         from torch_geometric.nn import GATConv, GCNConv
 
@@ -176,6 +194,8 @@ class GraphEncoder(nn.Module):
         self.dropout = dropout
         self.residual = residual
         self.convs, self.norms, self.skips = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        # root (self) weights: out = conv(h) + root(h), before the norm (None: plain conv)
+        self.roots = nn.ModuleList() if root_skip else None
         dims = [in_dim] + list(hidden_dims)
         for a, b in zip(dims[:-1], dims[1:]):
             if conv == "gcn":
@@ -187,16 +207,25 @@ class GraphEncoder(nn.Module):
             self.norms.append(nn.LayerNorm(b) if norm == "layer" else nn.BatchNorm1d(b) if norm == "batch"
                               else nn.Identity())
             self.skips.append((nn.Identity() if a == b else nn.Linear(a, b, bias=False)) if residual else None)
+            if self.roots is not None:
+                self.roots.append(nn.Linear(a, b, bias=False))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None):
         h = x
-        for conv, norm, skip in zip(self.convs, self.norms, self.skips):
+        for i, (conv, norm, skip) in enumerate(zip(self.convs, self.norms, self.skips)):
             out = conv(h, edge_index, edge_weight) if self.conv_kind == "gcn" else conv(h, edge_index)
+            if self.roots is not None:
+                out = out + self.roots[i](h)
             out = F.elu(norm(out))
             if skip is not None:
                 out = out + skip(h)
             h = F.dropout(out, self.dropout, self.training)
         return h
+
+
+def make_encoder(n_genes: int, cfg: GnnMaskConfig) -> GraphEncoder:
+    return GraphEncoder(n_genes, cfg.hidden_dims, cfg.encoder, cfg.heads, cfg.dropout, cfg.norm, cfg.residual,
+                        cfg.root_skip)
 
 
 class GnnMaskModel(nn.Module):
@@ -205,8 +234,7 @@ class GnnMaskModel(nn.Module):
 
     def __init__(self, n_genes: int, cfg: GnnMaskConfig, n_classes: int = 0):
         super().__init__()
-        self.encoder = GraphEncoder(n_genes, cfg.hidden_dims, cfg.encoder, cfg.heads, cfg.dropout, cfg.norm,
-                                    cfg.residual)
+        self.encoder = make_encoder(n_genes, cfg)
         d = cfg.hidden_dims[-1]
         if cfg.decoder == "mlp":
             self.decoder = nn.Sequential(nn.Linear(d, cfg.decoder_hidden), nn.ELU(),
@@ -640,51 +668,99 @@ class GnnMask(SSLMethod):
         lab_test = test_cells[labels[test_cells] >= 0]
         if len(lab_train) == 0:
             raise SpatialDataError("no labelled cells in the training sections; check --label-key / --train-sections.")
-        rng = np.random.default_rng([cfg.seed, 11])
-        n_val = int(round(fc.val_fraction * len(lab_train)))
-        perm = rng.permutation(lab_train)
-        ft_val, ft_train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        weights = class_weight_vector(labels[ft_train], k, fc.class_weights)
+        ft_train, ft_val = self._finetune_split(lab_train)
 
-        def finetune(encoder: GraphEncoder, tag: str) -> tuple[CellTypeModel, dict]:
-            ct_model = CellTypeModel(copy.deepcopy(self.model.input_norm), copy.deepcopy(encoder),
-                                     cfg.hidden_dims[-1], k, cfg.head_skip)
-            task = _CellTypeTask(self, ct_model, ft_train, ft_val, train_cells, weights, fc, device)
-            tcfg = TrainConfig(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, seed=cfg.seed,
-                               device=str(device), amp=cfg.amp, patience=fc.patience, grad_clip=cfg.grad_clip)
-            result = make_trainer(tcfg).fit(task)
-            if result.stopped_by_user and result.epochs_run == 0:
-                raise _FinetuneStopped
-            return ct_model, {"epochs": result.epochs_run, "seconds": result.train_seconds,
-                              "best_epoch": result.best_epoch, "stage": tag}
+        def finetune(encoder: GraphEncoder, tag: str) -> tuple[CellTypeModel, dict, np.ndarray]:
+            return self._finetune(encoder, ft_train, ft_val, train_cells, k, device, make_trainer, tag)
 
         all_cells = np.arange(data.n_cells)
-        model, info = finetune(self.model.encoder, "pretrained")
+        model, info, val_pred = finetune(self.model.encoder, "pretrained")
         logits = self._classify(all_cells, model, device)
         pred = logits.argmax(1)
         out = {**classification_scores(labels[lab_test], pred[lab_test]), **split, "mode": fc.mode,
                "class_weights": fc.class_weights, "n_train_cells": int(len(ft_train)),
-               "n_val_cells": int(len(ft_val)), "n_test_cells": int(len(lab_test)),
-               "validation": classification_scores(labels[ft_val], pred[ft_val]), "finetune": info}
+               "n_val_cells": int(len(ft_val)), "n_test_cells": int(len(lab_test)), "refit": bool(fc.refit),
+               "validation": classification_scores(labels[ft_val], val_pred), "finetune": info}
         # baselines on the same split
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed + 1000)
-        random_encoder = GraphEncoder(len(self.genes), cfg.hidden_dims, cfg.encoder, cfg.heads, cfg.dropout,
-                                      cfg.norm, cfg.residual)
+        random_encoder = make_encoder(len(self.genes), cfg)
         torch.random.set_rng_state(torch_state)
-        rmodel, rinfo = finetune(random_encoder, "random_init")
-        rpred = self._classify(all_cells, rmodel, device).argmax(1)
+        try:
+            rmodel, rinfo, rval_pred = finetune(random_encoder, "random_init")
+        except _FinetuneStopped:
+            # Stopped before the baseline trained: the pretrained head's results stand on their own.
+            random_init = {"skipped": "training was stopped by the user before this baseline was fine-tuned"}
+        else:
+            rpred = self._classify(all_cells, rmodel, device).argmax(1)
+            random_init = {**classification_scores(labels[lab_test], rpred[lab_test]), "finetune": rinfo,
+                           "validation": classification_scores(labels[ft_val], rval_pred)}
         lr_train = np.concatenate([ft_train, ft_val])
         lpred = logistic_regression_baseline(self.data.dense_rows(lr_train), labels[lr_train],
                                              self.data.dense_rows(lab_test), class_weights=fc.class_weights,
                                              seed=cfg.seed)
-        out["baselines"] = {
-            "random_init": {**classification_scores(labels[lab_test], rpred[lab_test]), "finetune": rinfo,
-                            "validation": classification_scores(labels[ft_val], rpred[ft_val])},
-            "expression_logreg": classification_scores(labels[lab_test], lpred),
-        }
+        out["baselines"] = {"random_init": random_init,
+                            "expression_logreg": classification_scores(labels[lab_test], lpred)}
         self.model.cell_type = model.to(next(self.model.parameters()).device)
         return out, pred
+
+    def _finetune_split(self, lab_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fine-tuning train cells, validation cells) of the labelled training-section cells."""
+        rng = np.random.default_rng([self.config.seed, 11])
+        n_val = int(round(self.config.finetune.val_fraction * len(lab_train)))
+        perm = rng.permutation(lab_train)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def _finetune(self, encoder: GraphEncoder, ft_train: np.ndarray, ft_val: np.ndarray,
+                  section_cells: np.ndarray, k: int, device, make_trainer,
+                  tag: str) -> tuple[CellTypeModel, dict, np.ndarray]:
+        """Fine-tune a copy of `encoder` + a new head: early stopping on `ft_val`; with
+        ``finetune.refit`` then a fresh copy trained on ft_train + ft_val for the chosen number of
+        epochs. Returns (model, info, the early-stopped model's predictions on ft_val)."""
+        cfg, fc = self.config, self.config.finetune
+        labels = self.data.labels
+        weights = class_weight_vector(labels[ft_train], k, fc.class_weights)
+        encoder_name = "pretrained encoder" if tag == "pretrained" else "random-init encoder, baseline"
+        stage = f"fine-tuning cell types ({encoder_name})"
+
+        def run(cells, val, epochs, patience):
+            ct_model = CellTypeModel(copy.deepcopy(self.model.input_norm), copy.deepcopy(encoder),
+                                     cfg.hidden_dims[-1], k, cfg.head_skip)
+            if fc.dropout is not None:
+                ct_model.encoder.dropout = float(fc.dropout)
+            if fc.mode == "full" and fc.probe_epochs > 0:
+                probe = replace(fc, mode="linear")
+                ptask = _CellTypeTask(self, ct_model, cells, np.zeros(0, np.int64), section_cells, weights, probe,
+                                      device)
+                pcfg = TrainConfig(epochs=fc.probe_epochs, lr=fc.probe_lr, weight_decay=fc.weight_decay,
+                                   seed=cfg.seed, device=str(device), amp=cfg.amp, patience=0)
+                if make_trainer(pcfg, stage=f"{stage}: head only").fit(ptask).stopped_by_user:
+                    raise _FinetuneStopped
+                for p in ct_model.encoder.parameters():
+                    p.requires_grad_(True)
+            task = _CellTypeTask(self, ct_model, cells, val, section_cells, weights, fc, device)
+            tcfg = TrainConfig(epochs=epochs, lr=fc.lr, weight_decay=fc.weight_decay, seed=cfg.seed,
+                               device=str(device), amp=cfg.amp, patience=patience, grad_clip=cfg.grad_clip)
+            result = make_trainer(tcfg, stage=stage if len(val) else f"{stage}: refit on all labelled cells").fit(task)
+            if result.stopped_by_user and result.epochs_run == 0:
+                raise _FinetuneStopped
+            return ct_model, result
+
+        ct_model, result = run(ft_train, ft_val, fc.epochs, fc.patience)
+        info = {"epochs": result.epochs_run, "seconds": result.train_seconds, "best_epoch": result.best_epoch,
+                "stage": tag, "stopped_by_user": bool(result.stopped_by_user)}
+        val_pred = self._classify(ft_val, ct_model, device).argmax(1) if len(ft_val) else np.zeros(0, np.int64)
+        if fc.refit and len(ft_val) and not result.stopped_by_user:
+            n_epochs = result.best_epoch or result.epochs_run
+            try:
+                refit_model, refit = run(np.sort(np.concatenate([ft_train, ft_val])), np.zeros(0, np.int64),
+                                         n_epochs, 0)
+            except _FinetuneStopped:  # stopped before the refit trained: keep the early-stopped model
+                info["refit_skipped"] = "training was stopped by the user before the refit"
+            else:
+                ct_model = refit_model
+                info.update(refit_epochs=refit.epochs_run, refit_seconds=refit.train_seconds)
+        return ct_model, info, val_pred
 
     # -- prediction on a new slide ----------------------------------------------------------
     def extra_state(self) -> dict:
@@ -793,7 +869,8 @@ class _CellTypeTask:
         return _Batches(lambda: m.view.subgraphs(self.train, shuffle=True, rng=rng), n)
 
     def _loss(self, logits, y, device):
-        return F.cross_entropy(logits.float(), torch.from_numpy(y).to(device), weight=self.weight.to(device))
+        return F.cross_entropy(logits.float(), torch.from_numpy(y).to(device), weight=self.weight.to(device),
+                               label_smoothing=self.fc.label_smoothing)
 
     def training_loss(self, batch, device):
         if self.linear:
