@@ -242,6 +242,8 @@ def test_fit_multi_slice_uses_scale_and_prototypes_and_reports_mixing():
 
     a = _toy_adata(n_side=10, n_slices=3)
     cfg = _config(epochs=12, proto_start_epoch=8)
+    assert cfg.lambda_scale == 0  # scale matching is off by default (chosen on the tuning pair)
+    cfg.lambda_scale = 1.0
     out = Pipeline("spotscape", cfg).fit(a)
     hist = out.train_result.history
     assert "scale" in hist[0] and "proto" not in hist[0] and "proto" in hist[-1]

@@ -10,11 +10,13 @@ Re-implemented from the paper's description on the shared Trainer and SNN graph:
   both (256 -> 64 with batch norm) and an MLP decoder;
 - losses: reconstruction of the un-augmented expression from each view + the similarity
   telescope mean((S - S^T)^2) over all spot pairs (computed exactly without the N x N matrix, see
-  :mod:`.losses`); with several slices also similarity-scale matching and, from
-  ``proto_start_epoch`` on, prototypical contrast against k-means centroids at several
-  granularities (k-means runs on the training device);
+  :mod:`.losses`); with several slices, from ``proto_start_epoch`` on, prototypical contrast
+  against k-means centroids at several granularities (k-means runs on the training device), and
+  similarity-scale matching when ``lambda_scale`` > 0 (off by default: it lowered ARI on the
+  DLPFC tuning pair);
 - domains: k-means with K given (the published protocol), else Leiden with a resolution search
-  (or a GMM chosen by BIC); optional smoothing over the SNN graph, reported separately.
+  (or a GMM chosen by BIC), on the L2-normalised embeddings by default (``embedding_postprocess``);
+  optional smoothing over the SNN graph, reported separately.
 
 One training step = one full-batch pass over every spot of every slice (the telescope and
 scale losses are global). Memory is linear in N: ~(2 views x (hidden + genes)) floats per spot.
@@ -118,12 +120,19 @@ class SpotscapeConfig(TrainConfig):
     # None = every spot.
     recon_spots: int | None = 1024
     lambda_telescope: float = 1.0
-    lambda_scale: float = 1.0  # several slices only
-    lambda_proto: float = 0.01  # several slices only
+    # Several slices only. Similarity-scale matching (the paper's weight is 1): off by default,
+    # chosen on the 151674 + 151675 pair (L2 ARI at 200 epochs, seeds 0 / 1: weight 0 0.487 / 0.482,
+    # 0.1 with scale_detach_own 0.486 / 0.475, 1 with it 0.443 (seed 0), 1 without it 0.369 (seed 0);
+    # benchmarks/spotscape.md). Set > 0 to use it.
+    lambda_scale: float = 0.0
+    # Several slices only: prototypical contrast, from proto_start_epoch (paper's weight; not tuned).
+    lambda_proto: float = 0.01
     scale_top_k: int = 5
     # True: a spot's within-slice top-k similarity is the target of the scale matching (no
-    # gradient through it); False: both sides move (the loss can also lower within-slice ones).
-    scale_detach_own: bool = False
+    # gradient through it), so the loss only raises the inter-slice similarities towards it;
+    # False (the paper's form): both sides move, so it can also lower within-slice similarities.
+    # True was better on the tuning pair at weight 1 and 0.1. Only used when lambda_scale > 0.
+    scale_detach_own: bool = True
     scale_block_size: int = 4096
     # Anchor spots per step for the scale matching (random draw; each is compared with every spot
     # of every slice). Exact over all spots costs N^2 d per step; anchors make it anchors x N x d.
