@@ -74,6 +74,14 @@ class EvalConfig:
             raise SpatialDataError(f"eval.reconstruction={self.reconstruction!r}: choose one of "
                                    f"{', '.join(RECONSTRUCTION_CHOICES)}.")
 
+    def reconstruction_policy(self, n_cells: int, n_genes: int) -> str:
+        """"all", "masked" or "none" for a slide of n_cells x n_genes (resolves "auto"), so that a
+        method can skip computing reconstructions nobody keeps."""
+        policy = "none" if self.reconstruction is None else self.reconstruction
+        if policy == "auto":
+            return "all" if n_cells * n_genes <= self.reconstruction_max_values else "masked"
+        return policy
+
 
 RECONSTRUCTION_CHOICES = ("auto", "all", "masked", "none")
 

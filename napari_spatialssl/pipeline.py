@@ -229,11 +229,9 @@ def _reconstruction_rows(key: str, value, method: str, results: MethodResults, c
     """None = keep every row of the reconstruction layer `key`; else the rows (cells) to keep, per
     ``config.eval.reconstruction`` (see EvalConfig). The choice is recorded in ``metrics``."""
     ev = getattr(config, "eval", None)
-    policy = getattr(ev, "reconstruction", "all") if key == f"{method}_reconstruction" else "all"
     n, n_genes = value.shape
+    policy = ev.reconstruction_policy(n, n_genes) if key == f"{method}_reconstruction" and ev is not None else "all"
     masked = results.obs.get(f"{method}_masked")
-    if policy == "auto":
-        policy = "all" if n * n_genes <= getattr(ev, "reconstruction_max_values", np.inf) else "masked"
     if policy == "all":
         return None
     if policy == "masked":
@@ -249,6 +247,12 @@ def _reconstruction_rows(key: str, value, method: str, results: MethodResults, c
 def _sparse_rows(values, rows: np.ndarray):
     """A sparse (n_cells, n_genes) matrix holding only `rows` of `values` (the other rows empty)."""
     n, g = values.shape
+    if sp.issparse(values):  # already sparse (a method that computed only these rows): drop the rest
+        keep = np.zeros(n, np.float32)
+        keep[rows] = 1.0
+        out = sp.csr_matrix(sp.diags(keep) @ values, dtype=np.float32)
+        out.eliminate_zeros()
+        return out
     sub = values[rows]
     sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
     r = np.repeat(rows, g)

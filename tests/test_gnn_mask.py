@@ -322,3 +322,43 @@ def test_stop_during_finetuning_keeps_the_pretrained_head_and_names_stages(starm
     assert "refit_epochs" not in c["finetune"] and "refit_skipped" in c["finetune"]
     assert stages[0] == "fine-tuning cell types (pretrained encoder)"
     assert stages[-1] == "fine-tuning cell types (random-init encoder, baseline)"
+
+
+@pytest.mark.parametrize("policy", ["all", "masked", "none"])
+def test_evaluation_computes_only_the_reconstructions_it_keeps(starmap, monkeypatch, policy):
+    """eval.reconstruction=masked (what `auto` picks on an atlas) must not build any dense
+    (cells x genes) array: the reconstruction is computed for the masked cells only and handed
+    over as sparse rows; the metrics are the same as with the dense layer."""
+    sizes = []
+    m, data = _method(starmap, **{"eval.reconstruction": policy, "data.label_key": None})
+    orig = m._reconstruct
+
+    def spy(cells, mask, device, model=None, *, outputs=True):
+        sizes.append((len(cells), outputs))
+        return orig(cells, mask, device, model, outputs=outputs)
+
+    monkeypatch.setattr(m, "_reconstruct", spy)
+    res = m.evaluate(data, torch.device("cpu"), lambda cfg, stage=None: Trainer(cfg))
+    n, n_masked = data.n_cells, int(m.eval_mask.sum())
+    assert sizes[0] == (n, False)  # the embeddings pass builds no (cells x genes) array
+    assert sizes[1] == ((n, True) if policy == "all" else (n_masked, True))
+    layer = res.layers.get("gnn-mask_reconstruction")
+    if policy == "none":
+        assert layer is None
+    elif policy == "masked":
+        import scipy.sparse as sp
+
+        assert sp.issparse(layer) and layer.shape == (n, len(m.genes))
+        rows = np.flatnonzero(np.diff(layer.indptr))
+        assert np.array_equal(rows, np.flatnonzero(m.eval_mask))
+    if policy != "all":  # same metrics as the dense evaluation
+        dense = GnnMask(m.config)
+        dense.__dict__.update({k: v for k, v in m.__dict__.items() if k != "_reconstruct"})
+        dense.config = make_config("gnn-mask", {**FAST, "eval.reconstruction": "all", "data.label_key": None})
+        ref = dense.evaluate(data, torch.device("cpu"), lambda cfg, stage=None: Trainer(cfg))
+        a, b = res.metrics["reconstruction"], ref.metrics["reconstruction"]
+        assert a["masked_mse"] == pytest.approx(b["masked_mse"], rel=1e-5)
+        assert a["baselines"] == pytest.approx(b["baselines"], rel=1e-5)
+        if policy == "masked":
+            full = ref.layers["gnn-mask_reconstruction"]
+            np.testing.assert_allclose(layer[m.eval_mask].toarray(), full[m.eval_mask], rtol=1e-5, atol=1e-6)

@@ -525,13 +525,15 @@ class GnnMask(SSLMethod):
 
     # -- inference helpers ------------------------------------------------------------------
     @torch.no_grad()
-    def _reconstruct(self, cells: np.ndarray, mask_global: np.ndarray, device, model: GnnMaskModel | None = None):
-        """(embeddings, reconstruction, input) of `cells` with the cells in `mask_global` hidden."""
+    def _reconstruct(self, cells: np.ndarray, mask_global: np.ndarray, device, model: GnnMaskModel | None = None,
+                     *, outputs: bool = True):
+        """(embeddings, reconstruction, input) of `cells` with the cells in `mask_global` hidden;
+        `outputs=False`: embeddings only (reconstruction and input None: no (cells x genes) arrays)."""
         model = model or self.model
         model.eval()
         emb = np.zeros((len(cells), self.config.hidden_dims[-1]), np.float32)
-        rec = np.zeros((len(cells), len(self.genes)), np.float32)
-        tgt = np.zeros_like(rec)
+        rec = np.zeros((len(cells), len(self.genes)), np.float32) if outputs else None
+        tgt = np.zeros_like(rec) if outputs else None
         where = np.empty(self.data.n_cells, np.int64)
         where[cells] = np.arange(len(cells))
         for sub in self.view.subgraphs(cells, sections_per_step=1):
@@ -542,9 +544,30 @@ class GnnMask(SSLMethod):
             rows = where[sub.cells]
             pos = torch.from_numpy(sub.pos).to(device)
             emb[rows] = z[pos].float().cpu().numpy()
-            rec[rows] = r[pos].float().cpu().numpy()
-            tgt[rows] = x[sub.pos].numpy()
+            if outputs:
+                rec[rows] = r[pos].float().cpu().numpy()
+                tgt[rows] = x[sub.pos].numpy()
         return emb, rec, tgt
+
+    def _embed_and_reconstruct(self, eval_mask: np.ndarray, device):
+        """Embeddings of every cell (nothing hidden), the reconstruction layer under
+        `eval.reconstruction` (all cells: dense; masked only: sparse rows, never a dense
+        (cells x genes) array; none: None) and (reconstruction, input) of the masked cells."""
+        n = self.data.n_cells
+        all_cells = np.arange(n)
+        emb, _, _ = self._reconstruct(all_cells, np.zeros(n, bool), device, outputs=False)
+        policy = self.config.eval.reconstruction_policy(n, len(self.genes))
+        masked = np.flatnonzero(eval_mask)
+        if policy == "all":
+            _, rec, tgt = self._reconstruct(all_cells, eval_mask, device)
+            return emb, rec, rec[masked], tgt[masked]
+        _, rec_m, tgt_m = self._reconstruct(masked, eval_mask, device)
+        layer = None
+        if policy == "masked" and len(masked):
+            g = len(self.genes)
+            layer = sp.csr_matrix((rec_m.ravel(), np.tile(np.arange(g), len(masked)),
+                                   np.r_[0, np.cumsum(np.bincount(masked, minlength=n) * g)]), shape=(n, g))
+        return emb, layer, rec_m, tgt_m
 
     @torch.no_grad()
     def _classify(self, cells: np.ndarray, model: CellTypeModel, device) -> np.ndarray:
@@ -595,22 +618,19 @@ class GnnMask(SSLMethod):
     # -- downstream -------------------------------------------------------------------------
     def evaluate(self, data: SpatialDataset, device, make_trainer) -> MethodResults:
         cfg = self.config
-        n = data.n_cells
-        all_cells = np.arange(n)
-        emb, _, _ = self._reconstruct(all_cells, np.zeros(n, bool), device)
-        _, rec, tgt = self._reconstruct(all_cells, self.eval_mask, device)
+        emb, layer, rec_m, tgt_m = self._embed_and_reconstruct(self.eval_mask, device)
         metrics = {
             "graph": self.view.graph.summary(),
             "graph_mode": cfg.graph_mode,
             "reconstruction": {
-                **self._reconstruction_metrics(self.eval_mask, rec[self.eval_mask], tgt[self.eval_mask]),
+                **self._reconstruction_metrics(self.eval_mask, rec_m, tgt_m),
                 "eval_cells_held_out": bool(self.eval_held_out),
                 "n_val_cells": int(len(self.val_cells)),
             },
         }
         results = MethodResults(
             obsm={f"X_{NAME}": emb},
-            layers={f"{NAME}_reconstruction": rec},
+            layers={} if layer is None else {f"{NAME}_reconstruction": layer},
             obs={f"{NAME}_masked": self.eval_mask.copy()},
             metrics=metrics,
         )
@@ -791,14 +811,14 @@ class GnnMask(SSLMethod):
                                    adjacency=self.view.graph.to_scipy()) if cfg.mask.strategy != "cell_types" \
             else np.zeros(n, bool)
         all_cells = np.arange(n)
-        emb, _, _ = self._reconstruct(all_cells, np.zeros(n, bool), device)
-        _, rec, tgt = self._reconstruct(all_cells, eval_mask, device)
+        emb, layer, rec_m, tgt_m = self._embed_and_reconstruct(eval_mask, device)
         if self.gene_mean is None:
-            self.gene_mean = tgt.mean(0)
+            self.gene_mean = self._mean_std(all_cells)[0]
         metrics = {"graph": self.view.graph.summary()}
         if eval_mask.any():
-            metrics["reconstruction"] = self._reconstruction_metrics(eval_mask, rec[eval_mask], tgt[eval_mask])
-        results = MethodResults(obsm={f"X_{NAME}": emb}, layers={f"{NAME}_reconstruction": rec},
+            metrics["reconstruction"] = self._reconstruction_metrics(eval_mask, rec_m, tgt_m)
+        results = MethodResults(obsm={f"X_{NAME}": emb},
+                                layers={} if layer is None else {f"{NAME}_reconstruction": layer},
                                 obs={f"{NAME}_masked": eval_mask}, metrics=metrics)
         if self.model.cell_type is not None and self.label_names:
             import pandas as pd
