@@ -292,6 +292,16 @@ def write_results(adata, method: str, data: SpatialDataset, results: MethodResul
             kept[rows] = True
             out.layers[key] = _place_genes(_sparse_rows(value, rows), data, out.n_vars)
             out.obs[f"{method}_reconstructed"] = kept
+    ev = getattr(config, "eval", None)
+    rec_key = f"{method}_reconstruction"
+    if rec_key not in results.layers and ev is not None and "reconstruction_layer" not in metrics:
+        policy = ev.reconstruction_policy(data.n_cells, data.n_genes)
+        if policy != "all":  # the method skipped a layer that would not be kept: say so
+            metrics["reconstruction_layer"] = {
+                "cells_kept": 0, "of_cells": int(data.n_cells),
+                "which": f"none (eval.reconstruction={ev.reconstruction} resolves to {policy!r} here"
+                         + (", and the method masks no cells)" if policy == "masked" else ")"),
+                "how_to_keep_all": "set eval.reconstruction=all"}
     for key, value in results.obs.items():
         if isinstance(value, pd.Categorical) or (isinstance(value, pd.Series) and value.dtype == "category"):
             out.obs[key] = pd.Categorical(value)

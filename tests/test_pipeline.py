@@ -121,6 +121,8 @@ def test_reconstruction_layer_policy_keeps_masked_rows_or_none(starmap):
     assert "gnn-mask_reconstructed" not in full.adata.obs and "reconstruction_layer" not in full.metrics
     none = fit(starmap, "gnn-mask", overrides={**FAST, "eval.reconstruction": "none"})
     assert "gnn-mask_reconstruction" not in none.adata.layers and "X_gnn-mask" in none.adata.obsm
+    assert none.metrics["reconstruction_layer"]["cells_kept"] == 0  # the skipped layer is reported
+    assert "masked_mse" in none.metrics["reconstruction"]  # the metrics do not need the layer
     with pytest.raises(SpatialDataError, match="eval.reconstruction"):
         fit(starmap, "gnn-mask", overrides={**FAST, "eval.reconstruction": "some"})
 
