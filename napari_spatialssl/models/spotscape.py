@@ -120,17 +120,17 @@ class SpotscapeConfig(TrainConfig):
     # None = every spot.
     recon_spots: int | None = 1024
     lambda_telescope: float = 1.0
-    # Several slices only. Similarity-scale matching (the paper's weight is 1): off by default,
+    # Several slices only. Similarity-scale matching (earlier default weight 1): off by default,
     # chosen on the 151674 + 151675 pair (L2 ARI at 200 epochs, seeds 0 / 1: weight 0 0.487 / 0.482,
     # 0.1 with scale_detach_own 0.486 / 0.475, 1 with it 0.443 (seed 0), 1 without it 0.369 (seed 0);
     # benchmarks/spotscape.md). Set > 0 to use it.
     lambda_scale: float = 0.0
-    # Several slices only: prototypical contrast, from proto_start_epoch (paper's weight; not tuned).
+    # Several slices only: prototypical contrast from proto_start_epoch (earlier default; not tuned).
     lambda_proto: float = 0.01
     scale_top_k: int = 5
     # True: a spot's within-slice top-k similarity is the target of the scale matching (no
     # gradient through it), so the loss only raises the inter-slice similarities towards it;
-    # False (the paper's form): both sides move, so it can also lower within-slice similarities.
+    # False (the earlier form): both sides move, so it can also lower within-slice similarities.
     # True was better on the tuning pair at weight 1 and 0.1. Only used when lambda_scale > 0.
     scale_detach_own: bool = True
     scale_block_size: int = 4096
