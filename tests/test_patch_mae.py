@@ -93,8 +93,9 @@ def test_random_token_mask_ratio_and_at_least_one_visible():
 @pytest.mark.parametrize("residual", ["local", "patch_mean", "none", "attend"])
 def test_encoder_never_sees_masked_or_empty_bins(residual):
     torch.manual_seed(0)
+    # a random readout start, so that the encoder's states reach the output before any training
     mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
-                                 decoder_heads=2, residual=residual).eval()
+                                 decoder_heads=2, residual=residual, readout_init_std=0.02).eval()
     values, occ, genes = _random_batch()
     masked = random_token_mask(mae.token_occupancy(occ), 0.75)
     out = mae(values, occ, genes, masked)
@@ -155,6 +156,33 @@ def test_local_context_base_is_a_gaussian_mean_of_visible_bins():
     assert float(base[0, 0, 1, 0]) == pytest.approx((w0 * 1 + w2 * 3) / (w0 + w2), rel=1e-5)
     far = np.exp(-np.array([9 + 0, 9 + 4]) / (2 * bw2))  # bin (3, 0): from (0,0) and (0,2)
     assert float(base[0, 3, 0, 0]) == pytest.approx((far[0] * 1 + far[1] * 3) / far.sum(), rel=1e-5)
+
+
+def test_zero_readout_init_starts_exactly_at_the_context_base():
+    """readout_init_std=0: the untrained model predicts its base exactly (no random per-gene
+    deviation, which would stay on rarely drawn genes); with the old 0.02 start it does not; one
+    optimiser step on the deviation moves it off the base (the readout still learns)."""
+    values, occ, genes = _random_batch()
+    masked = random_token_mask(occ.reshape(occ.shape[0], -1), 0.75, torch.rand(occ.shape[0], 64,
+                                                                               generator=torch.Generator().manual_seed(1)))
+    tok = occ.reshape(occ.shape[0], -1)
+    for std, exact in ((0.0, True), (0.02, False)):
+        torch.manual_seed(0)
+        mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_heads=2,
+                                     readout_init_std=std)
+        out = mae(values, occ, genes, masked)
+        base = mae.context_base(values, occ, tok & ~masked)
+        assert torch.allclose(out, base, atol=1e-6) == exact
+    torch.manual_seed(0)
+    mae = PatchMaskedAutoencoder(20, (8, 8), 1, dim=16, depth=1, heads=2, decoder_dim=16, decoder_heads=2,
+                                 readout_init_std=0.0)
+    opt = torch.optim.Adam(mae.parameters(), lr=1e-2)
+    t = masked.reshape(occ.shape) & occ
+    ((mae(values, occ, genes, masked) - values)[t] ** 2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(mae(values, occ, genes, masked), mae.context_base(values, occ, tok & ~masked),
+                                  atol=1e-4)
 
 
 def test_attend_base_starts_as_the_gaussian_base_and_uses_visible_bins_only():
@@ -224,7 +252,7 @@ def test_attend_without_deviation_predicts_a_convex_mix_of_visible_bins():
 
 
 def test_per_patch_loss_weighs_every_patch_equally(slide):
-    cfg = make_config("patch-mae", FAST + ["region_mix=0.5", "loss_per_patch=true"])
+    cfg = make_config("patch-mae", FAST + ["region_mix=0.5", "loss_per_patch=true", "loss_l1=0"])
     method = PatchMAE(cfg)
     method.prepare(dataset_from_config(slide, cfg))
     batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
@@ -238,6 +266,31 @@ def test_per_patch_loss_weighs_every_patch_equally(slide):
     err = ((pred - x) ** 2).mean(-1)
     per = [float(err[i][t[i]].mean()) for i in range(len(t)) if t[i].any()]
     assert loss == pytest.approx(float(np.mean(per)), rel=1e-4)
+
+
+def test_l1_loss_term_adds_lambda_times_the_masked_absolute_error(slide):
+    """loss_l1 = lambda: the loss is the masked MSE plus lambda x the masked mean absolute error
+    (same masks, same bins), in both the pooled and the per-patch form."""
+    for per_patch in ("false", "true"):
+        losses = {}
+        for lam in (0.0, 0.5):
+            cfg = make_config("patch-mae", FAST + [f"loss_l1={lam}", f"loss_per_patch={per_patch}"])
+            method = PatchMAE(cfg)
+            torch.manual_seed(0)
+            method.prepare(dataset_from_config(slide, cfg))
+            batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
+            losses[lam] = float(method.training_loss(batch, torch.device("cpu"))["loss"].detach())
+        _, x, occ, genes, masked = method._tensors(batch, torch.device("cpu"))
+        with torch.no_grad():
+            d = method.model.mae(x, occ, genes, masked) - x
+        t = masked.reshape(occ.shape) & occ
+        if per_patch == "false":
+            mse, mae = float((d[t] ** 2).mean()), float(d[t].abs().mean())
+        else:
+            mse = float(np.mean([float((d[i][t[i]] ** 2).mean()) for i in range(len(t)) if t[i].any()]))
+            mae = float(np.mean([float(d[i][t[i]].abs().mean()) for i in range(len(t)) if t[i].any()]))
+        assert losses[0.0] == pytest.approx(mse, rel=1e-4)
+        assert losses[0.5] == pytest.approx(mse + 0.5 * mae, rel=1e-4)
 
 
 # -- data view, hold-out and baselines ------------------------------------------------------
@@ -293,7 +346,7 @@ def test_config_validation():
     for bad, match in [("token_bins=3", "divide"), ("mask.strategy=niches", "mask.strategy"),
                        ("domain_clustering=x", "joint"), ("eval_mask_sizes=40", "eval_mask_sizes"),
                        ("region_mix=1.5", "region_mix"), ("residual_readout=median", "residual_readout"),
-                       ("decoder_deviation=false", "decoder_deviation")]:
+                       ("decoder_deviation=false", "decoder_deviation"), ("loss_l1=-0.1", "loss_l1")]:
         cfg = make_config("patch-mae", [bad])
         with pytest.raises(SpatialDataError, match=match):
             cfg.validate()

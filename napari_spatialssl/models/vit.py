@@ -23,7 +23,8 @@ the base is a Gaussian-weighted mean of the visible occupied bins around each bi
 learned bandwidth (in bins); 'none' predicts the value directly. The decoder then learns how a
 masked bin deviates from its visible context rather than the context's level itself (the
 analogue of MAE's per-patch target normalisation); the base uses visible bins only, so nothing
-masked leaks in.
+masked leaks in. The readout's gene table starts at zero by default (``readout_init_std``), so
+the untrained model predicts exactly its base.
 """
 
 from __future__ import annotations
@@ -82,11 +83,17 @@ class GeneChannelEmbedding(nn.Module):
 class GeneReadout(nn.Module):
     """Decoder states (B, L, dim) -> predicted channel values (B, L, m) for channel genes (B, m)."""
 
-    def __init__(self, n_genes: int, dim: int):
+    def __init__(self, n_genes: int, dim: int, init_std: float = 0.0):
         super().__init__()
         self.gene = nn.Embedding(n_genes, dim)
-        # small start: a residual model begins at its context base and learns the deviation
-        nn.init.normal_(self.gene.weight, std=0.02)
+        # small start: a residual model begins near its context base and learns the deviation. With
+        # init_std = 0 it starts exactly at the base: a gene's readout row only moves when the gene is
+        # drawn as a channel, so a random start stays as noise (std init_std * sqrt(dim) per value,
+        # the decoder's states being layer-normed) on genes that are rarely drawn
+        if init_std > 0:
+            nn.init.normal_(self.gene.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.gene.weight)
         self.bias = nn.Embedding(n_genes, 1)
         nn.init.zeros_(self.bias.weight)
 
@@ -109,7 +116,7 @@ class PatchMaskedAutoencoder(nn.Module):
     def __init__(self, n_genes: int, patch_size: tuple[int, int] = (16, 16), token_bins: int = 1,
                  dim: int = 64, depth: int = 2, heads: int = 4, decoder_dim: int = 64,
                  decoder_depth: int = 1, decoder_heads: int = 4, mlp_ratio: float = 4.0,
-                 residual: str = "local", deviation: bool = True):
+                 residual: str = "local", deviation: bool = True, readout_init_std: float = 0.0):
         super().__init__()
         if residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}.")
@@ -137,7 +144,7 @@ class PatchMaskedAutoencoder(nn.Module):
         self.register_buffer("dec_pos", sincos_2d(*self.grid, decoder_dim), persistent=False)
         self.decoder = transformer(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
         self.unmerge = nn.Linear(decoder_dim, p * p * decoder_dim) if p > 1 else nn.Identity()
-        self.readout = GeneReadout(n_genes, decoder_dim) if self.deviation else None
+        self.readout = GeneReadout(n_genes, decoder_dim, readout_init_std) if self.deviation else None
         if residual == "attend":
             # content term of the interpolation weights; q starts at zero, so the model starts as
             # exactly the Gaussian base and learns where to depart from it
