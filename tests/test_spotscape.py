@@ -370,3 +370,29 @@ def test_dlpfc_graph_has_about_six_neighbours(shared_data):
     assert 5.5 < info["mean_degree"] <= 6.0
     rows = np.repeat(np.arange(g.n_nodes), g.degrees())
     assert (data.section[rows] == data.section[g.indices]).all()  # 4 slices share one frame
+
+
+def test_reconstruction_decoded_in_blocks_only_where_kept():
+    """Only the reconstruction that is kept is decoded: selected gene columns in row blocks equal
+    the full decoding; a slide above eval.reconstruction_max_values gets no dense layer at all
+    (spotscape masks no cells, so 'auto' keeps nothing there), and its metrics still come."""
+    import torch
+
+    from napari_spatialssl.pipeline import Pipeline
+
+    a = _toy_adata(n_slices=1)
+    pipe = Pipeline("spotscape", _config(epochs=3))
+    out = pipe.fit(a)
+    m = pipe.method
+    dev = torch.device("cpu")
+    emb, full = m.embed(m.data, dev, m.graph, genes=np.arange(m.data.n_genes))
+    cols = np.array([1, 5, 7])
+    emb2, part = m.embed(m.data, dev, m.graph, genes=cols, block_rows=17)
+    np.testing.assert_allclose(part, full[:, cols], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(emb, emb2)
+    np.testing.assert_allclose(out.adata.layers["spotscape_reconstruction"], full, rtol=1e-5, atol=1e-6)
+    assert m.embed(m.data, dev, m.graph, genes=None)[1] is None
+    big = Pipeline("spotscape", _config(epochs=3, **{"eval.reconstruction_max_values": 10})).fit(a)
+    assert "spotscape_reconstruction" not in big.adata.layers
+    assert big.metrics["reconstruction_layer"]["cells_kept"] == 0
+    assert np.isfinite(big.metrics["reconstruction"]["masked_mse"])

@@ -514,15 +514,28 @@ class Spotscape(SSLMethod):
     # -- embeddings and results -------------------------------------------------------------
     @torch.no_grad()
     def embed(self, data: SpatialDataset, device: torch.device, graph: CellGraph | None = None,
-              input_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings (N, d), reconstruction (N, n_genes)) on the un-augmented graph, eval mode."""
+              input_mask: np.ndarray | None = None, genes: np.ndarray | str | None = "auto",
+              block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embeddings (N, d), reconstruction (N, len(genes)) or None) on the un-augmented graph,
+        eval mode. `genes`: model-gene columns to decode (decoded in row blocks, so only N x
+        len(genes) is ever held); None = no reconstruction; "auto" = all genes when
+        `eval.reconstruction` keeps the layer for a slide of this size, else None."""
         graph = graph if graph is not None else (self.graph if data is self.data else self.build_graph(data))
         self.model.to(device).eval()
         x = _to_device_matrix(data.X, device)
         adj = GraphTensors(graph, device).normalised()
         mask = torch.from_numpy(input_mask.astype(np.float32)).to(device) if input_mask is not None else None
-        z, r = self.model(x, adj, mask)
-        return z.float().cpu().numpy(), r.float().cpu().numpy()
+        z = self.model.encode(x, adj, mask)
+        if isinstance(genes, str):
+            keep = self.config.eval.reconstruction_policy(data.n_cells, data.n_genes) == "all"
+            genes = np.arange(data.n_genes) if keep else None
+        if genes is None:
+            return z.float().cpu().numpy(), None
+        cols = torch.as_tensor(np.asarray(genes, np.int64), device=device)
+        recon = np.empty((z.shape[0], len(cols)), np.float32)
+        for i in range(0, z.shape[0], block_rows):
+            recon[i:i + block_rows] = self.model.decoder(z[i:i + block_rows])[:, cols].float().cpu().numpy()
+        return z.float().cpu().numpy(), recon
 
     def _n_domains(self, data: SpatialDataset) -> int | None:
         return self.config.eval.n_domains
@@ -554,7 +567,7 @@ class Spotscape(SSLMethod):
         labels, info = graph_cluster_search(emb, k, seed=c.seed)
         return labels, {**info, "embedding_postprocess": c.embedding_postprocess}
 
-    def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray,
+    def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray | None,
                  labels: np.ndarray, info: dict) -> tuple[MethodResults, dict]:
         import pandas as pd
 
@@ -562,7 +575,8 @@ class Spotscape(SSLMethod):
 
         res = MethodResults()
         res.obsm["X_spotscape"] = emb.astype(np.float32)
-        res.layers["spotscape_reconstruction"] = recon.astype(np.float32)
+        if recon is not None:  # None: eval.reconstruction does not keep it (see embed)
+            res.layers["spotscape_reconstruction"] = recon.astype(np.float32)
         names = [f"D{i}" for i in range(int(labels.max()) + 1)]
         res.obs["spotscape_domain"] = pd.Categorical.from_codes(labels, categories=names)
         domains: dict = {"clustering": info, "n_domains": int(labels.max()) + 1}
@@ -609,11 +623,10 @@ class Spotscape(SSLMethod):
         keep = (~hidden).astype(np.float32)
         if self.config.rescale_masked:  # the input scale the model saw in training
             keep /= keep.mean()
-        _, recon = self.embed(data, device, graph, input_mask=keep)
         cols = np.flatnonzero(hidden)
+        _, pred = self.embed(data, device, graph, input_mask=keep, genes=cols)  # only the hidden genes
         truth = data.X[:, cols]
         truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
-        pred = recon[:, cols]
         mse = float(np.mean((pred - truth) ** 2))
         base = float(np.mean((truth - truth.mean(0, keepdims=True)) ** 2))
         return {"masked_mse": mse, "gene_mean_mse": base, "masked_fraction": float(hidden.mean()),
