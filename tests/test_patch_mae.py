@@ -415,3 +415,17 @@ def test_small_panels_use_every_gene_as_a_channel(slide):
     assert batch.patches.genes.shape[1] == slide.n_vars
     assert (batch.patches.genes == np.arange(slide.n_vars)).all()
     assert len(method.channel_genes) == slide.n_vars
+
+
+def test_no_dense_imputation_layer_when_eval_reconstruction_keeps_none(slide, monkeypatch):
+    """Above eval.reconstruction_max_values ('auto' -> masked rows; patch-mae masks no cells) the
+    (cells x genes) imputation is never computed, and metrics say the layer was left out."""
+    def refuse(*a, **k):
+        raise AssertionError("the dense imputation layer was computed although nothing keeps it")
+
+    monkeypatch.setattr(PatchMAE, "reconstruct_cells", refuse)
+    out = fit(slide, "patch-mae", overrides=FAST + ["epochs=1", "patches_per_epoch=32",
+                                                     "eval.reconstruction_max_values=10"])
+    assert "patch-mae_reconstruction" not in out.adata.layers
+    assert out.metrics["reconstruction_layer"]["cells_kept"] == 0
+    assert out.metrics["reconstruction"]["masked_mse"] > 0  # the held-out benchmark does not need it

@@ -117,7 +117,8 @@ class PatchMAEConfig(TrainConfig):
     eval_mask_repeats: masked-region benchmark; embed_stride: tiling stride for per-cell outputs
     (None = patch_size // 2); eval_batch_size: patches per forward pass at inference;
     probe_train_fraction / probe_k / probe_hidden: probes; domain_clustering: 'joint' | 'per_section';
-    reconstruction_layer: write the per-cell imputation layer (n_cells x n_genes floats);
+    reconstruction_layer: write the per-cell imputation layer (n_cells x n_genes floats) when
+    eval.reconstruction keeps every row (all, or auto below 5e8 values; patch-mae masks no cells);
     dense_cache_mb: memory for dense copies of the lattices' bins (faster patch cutting; lattices
     that do not fit are read from their sparse form).
     """
@@ -756,7 +757,10 @@ class PatchMAE(SSLMethod):
         import pandas as pd
 
         res = MethodResults(obsm={f"X_{NAME}": emb}, obs={f"{NAME}_domain": pd.Categorical(names)})
-        if self.config.reconstruction_layer:
+        # the imputation layer is (n_cells x n_genes) dense: only built when eval.reconstruction
+        # keeps it (patch-mae masks no cells, so 'masked' / 'auto' on an atlas keep nothing)
+        keep = self.config.eval.reconstruction_policy(data.n_cells, self.n_genes) == "all"
+        if self.config.reconstruction_layer and keep:
             t0 = time.perf_counter()
             res.layers[f"{NAME}_reconstruction"] = self.reconstruct_cells(device, seed=self.config.seed)
             timings["reconstruct_seconds"] = time.perf_counter() - t0
