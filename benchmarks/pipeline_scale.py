@@ -62,6 +62,7 @@ def run_method(method: str, n_cells: int, n_sections: int, queue) -> None:
     for event in pipe.run(adata, name="synthetic"):
         if event.kind in ("stage", "start", "end"):
             marks.append((f"{event.kind}:{event.stage}:{event.message}", time.perf_counter() - t0))
+            print(f"  [{method}] {marks[-1][0]} at {marks[-1][1]:.1f} s, RSS peak {_rss_gb():.2f} GB", flush=True)
     total = time.perf_counter() - t0
     out = pipe.output
     stages = {}
