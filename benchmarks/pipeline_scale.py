@@ -48,14 +48,15 @@ def _slide(n_cells: int, n_sections: int, seed: int = 0):
     return synthetic_slide(n_cells, 550, n_sections, 30, n_domains=12, seed=seed)
 
 
-def run_method(method: str, n_cells: int, n_sections: int, queue) -> None:
+def run_method(method: str, n_cells: int, n_sections: int, n_domains: int | None, queue) -> None:
     from napari_spatialssl.pipeline import Pipeline, make_config
 
     t0 = time.perf_counter()
     adata = _slide(n_cells, n_sections)
     t_slide = time.perf_counter() - t0
     rss_slide = _rss_gb()
-    cfg = make_config(method, {**METHOD_SETTINGS[method], "data.section_key": "section"})
+    cfg = make_config(method, {**METHOD_SETTINGS[method], "data.section_key": "section",
+                               **({"eval.n_domains": n_domains} if n_domains else {})})
     pipe = Pipeline(method, cfg)
     marks: list[tuple[str, float]] = []
     t0 = time.perf_counter()
@@ -181,11 +182,14 @@ def main(argv=None) -> dict:
     p.add_argument("--n-cells", type=int, default=1_000_000)
     p.add_argument("--n-sections", type=int, default=12)
     p.add_argument("--methods", nargs="*", default=["gnn-mask", "patch-mae"], choices=sorted(METHOD_SETTINGS))
+    p.add_argument("--n-domains", type=int, default=None,
+                   help="K for the domain clustering (k-means); default: none given, so methods that cluster "
+                        "run their graph clustering with a resolution search")
     p.add_argument("--out", type=Path, default=None, help="append the JSON record to this file")
     args = p.parse_args(argv)
-    record = {"n_cells": args.n_cells, "n_sections": args.n_sections, "methods": {}}
+    record = {"n_cells": args.n_cells, "n_sections": args.n_sections, "n_domains": args.n_domains, "methods": {}}
     for method in args.methods:
-        res = _in_process(run_method, method, args.n_cells, args.n_sections)
+        res = _in_process(run_method, method, args.n_cells, args.n_sections, args.n_domains)
         record["methods"][method] = res
         print(f"{method}: total {res['total_s']:.1f} s, peak RSS {res['peak_rss_gb']:.2f} GB "
               f"(slide alone {res['rss_after_slide_gb']:.2f} GB); stages "
