@@ -253,11 +253,13 @@ def _sparse_rows(values, rows: np.ndarray):
         out = sp.csr_matrix(sp.diags(keep) @ values, dtype=np.float32)
         out.eliminate_zeros()
         return out
-    sub = values[rows]
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    r = np.repeat(rows, g)
-    c = np.tile(np.arange(g), len(rows))
-    return sp.csr_matrix((sub.ravel().astype(np.float32), (r, c)), shape=(n, g))
+    rows = np.unique(rows)  # sorted, so the CSR rows can be laid out directly (no COO triplets)
+    sub = np.asarray(values[rows], dtype=np.float32)
+    indptr = np.zeros(n + 1, np.int64)
+    indptr[rows + 1] = g
+    np.cumsum(indptr, out=indptr)
+    indices = np.tile(np.arange(g, dtype=np.int32), len(rows))
+    return sp.csr_matrix((sub.ravel(), indices, indptr), shape=(n, g))
 
 
 def _result_anndata(adata):
