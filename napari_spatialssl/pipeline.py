@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
-from .data.dataset import SpatialDataset
+from .data.dataset import SpatialDataset, rows_as_csr
 from .data.io import SpatialDataError, atomic_write_h5ad, atomic_write_text
 from .models.base import MethodResults, SSLMethod, data_config_of, get_method_class
 from .training import TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, seed_everything
@@ -253,13 +253,8 @@ def _sparse_rows(values, rows: np.ndarray):
         out = sp.csr_matrix(sp.diags(keep) @ values, dtype=np.float32)
         out.eliminate_zeros()
         return out
-    rows = np.unique(rows)  # sorted, so the CSR rows can be laid out directly (no COO triplets)
-    sub = np.asarray(values[rows], dtype=np.float32)
-    indptr = np.zeros(n + 1, np.int64)
-    indptr[rows + 1] = g
-    np.cumsum(indptr, out=indptr)
-    indices = np.tile(np.arange(g, dtype=np.int32), len(rows))
-    return sp.csr_matrix((sub.ravel(), indices, indptr), shape=(n, g))
+    rows = np.unique(rows)  # sorted, as the CSR layout needs
+    return rows_as_csr(values[rows], rows, n)
 
 
 def _result_anndata(adata):

@@ -64,6 +64,18 @@ def normalize_total_log1p(X, target_sum: float = 1e4, log1p: bool = True):
     return X
 
 
+def rows_as_csr(row_values: np.ndarray, rows: np.ndarray, n_rows: int) -> sp.csr_matrix:
+    """An (n_rows, n_cols) CSR matrix whose sorted, unique `rows` hold the dense `row_values`
+    (len(rows), n_cols) and whose other rows are empty, laid out directly (no COO triplets)."""
+    row_values = np.asarray(row_values, dtype=np.float32)
+    g = row_values.shape[1]
+    indptr = np.zeros(n_rows + 1, np.int64)
+    indptr[np.asarray(rows) + 1] = g
+    np.cumsum(indptr, out=indptr)
+    indices = np.tile(np.arange(g, dtype=np.int32), len(rows))
+    return sp.csr_matrix((row_values.ravel(), indices, indptr), shape=(n_rows, g))
+
+
 def gene_mean_var(X) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and variance without densifying a sparse matrix."""
     if sp.issparse(X):

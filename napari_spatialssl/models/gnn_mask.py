@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig, EvalConfig, TrainConfig
-from ..data.dataset import PreprocessConfig, SpatialDataset
+from ..data.dataset import PreprocessConfig, SpatialDataset, rows_as_csr
 from ..data.io import SpatialDataError
 from ..evaluation.classification import (
     class_weight_vector,
@@ -564,9 +564,7 @@ class GnnMask(SSLMethod):
         _, rec_m, tgt_m = self._reconstruct(masked, eval_mask, device)
         layer = None
         if policy == "masked" and len(masked):
-            g = len(self.genes)
-            layer = sp.csr_matrix((rec_m.ravel(), np.tile(np.arange(g), len(masked)),
-                                   np.r_[0, np.cumsum(np.bincount(masked, minlength=n) * g)]), shape=(n, g))
+            layer = rows_as_csr(rec_m, masked, n)
         return emb, layer, rec_m, tgt_m
 
     @torch.no_grad()
