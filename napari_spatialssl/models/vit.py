@@ -260,12 +260,13 @@ class PatchMaskedAutoencoder(nn.Module):
         return base.reshape(B, h, w, m)
 
     def decode(self, states: torch.Tensor, order: torch.Tensor, pad: torch.Tensor, token_occ: torch.Tensor,
-               genes: torch.Tensor, base: torch.Tensor | None = None,
+               genes: torch.Tensor,
                context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens,
-        plus `base` (B, h, w, m) (see :meth:`context_base`) when given. With 'attend', pass
-        `context` = (values (B, h, w, m) to interpolate, occupancy, visible tokens) instead: the
-        base is then :meth:`attend_base` of the decoder's states."""
+        """Predicted channel values (B, h, w, m) of every bin from the encoded visible tokens.
+        `context` = (values (B, h, w, m) the base is computed from, occupancy, visible tokens):
+        the prediction is then the readout's deviation plus the residual base of those values
+        (:meth:`context_base`, or for 'attend' :meth:`attend_base` of the decoder's states);
+        without it, the readout's output alone."""
         B = states.shape[0]
         enc = self.enc_to_dec(states)  # (B, 1 + L, dd)
         dd = self.decoder_dim
@@ -279,12 +280,15 @@ class PatchMaskedAutoencoder(nn.Module):
         x = torch.cat([enc[:, :1], tokens], dim=1)
         x = _run(self.decoder, x, None)[:, 1:]  # (B, T, dd)
         x = self.unmerge(x).reshape(B, self.n_tokens * self.p * self.p, dd)
-        if self.residual == "attend" and context is not None:
+        base = None
+        if context is not None and self.residual == "attend":
             z = self.from_tokens(x.reshape(B, self.n_tokens, self.p * self.p, dd)).reshape(B, self.h * self.w, dd)
             base = self.attend_base(z, *context)
+        elif context is not None:
+            base = self.context_base(*context)
         if self.readout is None:
             if base is None:
-                raise ValueError("decode without a readout needs a base (or a context with residual='attend').")
+                raise ValueError("decode without a readout needs a context to compute its base from.")
             return base
         pred = self.readout(x, genes)  # (B, T * pp, m)
         pred = self.from_tokens(pred.reshape(B, self.n_tokens, self.p * self.p, -1))
@@ -296,10 +300,7 @@ class PatchMaskedAutoencoder(nn.Module):
         token_occ = self.token_occupancy(occupancy)
         visible = token_occ & ~masked
         states, order, pad = self.encode(values, occupancy, genes, visible)
-        if self.residual == "attend":
-            return self.decode(states, order, pad, token_occ, genes, context=(values, occupancy, visible))
-        base = self.context_base(values, occupancy, visible)
-        return self.decode(states, order, pad, token_occ, genes, base)
+        return self.decode(states, order, pad, token_occ, genes, context=(values, occupancy, visible))
 
     @torch.no_grad()
     def token_embeddings(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
