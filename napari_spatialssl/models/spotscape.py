@@ -544,12 +544,12 @@ class Spotscape(SSLMethod):
         """The embeddings as the domain clustering sees them (`embedding_postprocess`)."""
         return postprocess_embedding(emb, self.config.embedding_postprocess, seed=self.config.seed)
 
-    def cluster(self, emb: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Domain labels of the embeddings (after `embedding_postprocess`) and how they were found."""
+    def cluster(self, space: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Domain labels of the embeddings in the clustering space (:meth:`cluster_space`) and
+        how they were found."""
         from ..evaluation.clustering import gmm_bic, graph_cluster_search, kmeans
 
         c = self.config
-        emb = self.cluster_space(emb)
         k = c.eval.n_domains
         method = c.domain_method
         if method == "auto":
@@ -557,14 +557,14 @@ class Spotscape(SSLMethod):
         if method == "kmeans":
             if k is None:
                 raise SpatialDataError("spotscape: domain_method 'kmeans' needs n_domains (--n-domains K).")
-            return kmeans(emb, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k),
+            return kmeans(space, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k),
                                                  "embedding_postprocess": c.embedding_postprocess}
         if method == "gmm":
             rng = range(2, 16) if k is None else [k]
-            labels, chosen = gmm_bic(emb, rng, seed=c.seed)
+            labels, chosen = gmm_bic(space, rng, seed=c.seed)
             return labels, {"method": "gmm_bic", "n_clusters": chosen,
                             "embedding_postprocess": c.embedding_postprocess}
-        labels, info = graph_cluster_search(emb, k, seed=c.seed)
+        labels, info = graph_cluster_search(space, k, seed=c.seed)
         return labels, {**info, "embedding_postprocess": c.embedding_postprocess}
 
     def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray | None,
@@ -596,10 +596,10 @@ class Spotscape(SSLMethod):
         t0 = time.perf_counter()
         graph = self.graph if data is self.data else self.build_graph(data)
         emb, recon = self.embed(data, device, graph)
-        labels, info = self.cluster(emb)
+        space = self.cluster_space(emb)
+        labels, info = self.cluster(space)
         res, domains = self._results(data, graph, emb, recon, labels, info)
         # centroids in the space the clustering saw (predict() assigns new spots in that space)
-        space = self.cluster_space(emb)
         self.domain_centroids = np.stack([space[labels == i].mean(0) for i in range(int(labels.max()) + 1)])
         metrics: dict = {"graph": self.graph_info, "domains": domains}
         if data.n_sections > 1:
@@ -635,19 +635,19 @@ class Spotscape(SSLMethod):
     def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
         graph = self.build_graph(data)
         emb, recon = self.embed(data, device, graph)
+        space = self.cluster_space(emb)
         if self.domain_centroids is not None:
             # The training slide's domains: nearest domain centroid, so labels match across slides.
             # nearest centroid in the clustering space; "standardize" / "pca" are re-fitted on the
             # new slide's embeddings (per-slide statistics), "l2" / "none" need no statistics
             c = np.asarray(self.domain_centroids, np.float32)
-            space = self.cluster_space(emb)
             if space.shape[1] != c.shape[1]:
                 raise SpatialDataError("spotscape: stored domain centroids do not match the clustering space "
                                        f"({c.shape[1]} vs {space.shape[1]} dims); re-run evaluate().")
             d = (space ** 2).sum(1, keepdims=True) - 2 * space @ c.T + (c ** 2).sum(1)
             labels, info = d.argmin(1), {"method": "nearest_training_centroid", "n_clusters": len(c)}
         else:
-            labels, info = self.cluster(emb)
+            labels, info = self.cluster(space)
         res, domains = self._results(data, graph, emb, recon, labels, info)
         res.metrics = {"graph": self.graph_info, "domains": domains}
         return res
