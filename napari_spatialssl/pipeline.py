@@ -225,21 +225,22 @@ def _place_genes(values, data: SpatialDataset, n_vars: int):
     return sp.csr_matrix(M @ P, dtype=np.float32)
 
 
-def _reconstruction_rows(key: str, value, method: str, results: MethodResults, config, metrics: dict):
-    """None = keep every row of the reconstruction layer `key`; else the rows (cells) to keep, per
-    ``config.eval.reconstruction`` (see EvalConfig). The choice is recorded in ``metrics``."""
+def _reconstruction_rows(method: str, results: MethodResults, config, n_cells: int, n_genes: int,
+                         metrics: dict):
+    """None = keep every row of ``layers['<method>_reconstruction']``; else the rows (cells) to keep,
+    per ``config.eval.reconstruction`` (see EvalConfig), recorded in ``metrics`` whether the method
+    produced the layer or skipped it because nothing would be kept."""
     ev = getattr(config, "eval", None)
-    n, n_genes = value.shape
-    policy = ev.reconstruction_policy(n, n_genes) if key == f"{method}_reconstruction" and ev is not None else "all"
-    masked = results.obs.get(f"{method}_masked")
+    policy = ev.reconstruction_policy(n_cells, n_genes) if ev is not None else "all"
     if policy == "all":
         return None
+    masked = results.obs.get(f"{method}_masked")
     if policy == "masked":
         rows = np.flatnonzero(np.asarray(masked, bool)) if masked is not None else np.zeros(0, np.int64)
         why = "evaluation-masked cells" if masked is not None else "none: the method masks no cells"
     else:
         rows, why = np.zeros(0, np.int64), "none (eval.reconstruction=none)"
-    metrics["reconstruction_layer"] = {"cells_kept": int(len(rows)), "of_cells": int(n), "which": why,
+    metrics["reconstruction_layer"] = {"cells_kept": int(len(rows)), "of_cells": int(n_cells), "which": why,
                                        "how_to_keep_all": "set eval.reconstruction=all"}
     return rows
 
@@ -250,6 +251,9 @@ def _sparse_rows(values, rows: np.ndarray):
     if sp.issparse(values):  # already sparse (a method that computed only these rows): drop the rest
         keep = np.zeros(n, np.float32)
         keep[rows] = 1.0
+        values = sp.csr_matrix(values, dtype=np.float32)
+        if not np.diff(values.indptr)[keep == 0].any():  # nothing outside `rows`: no copy needed
+            return values
         out = sp.csr_matrix(sp.diags(keep) @ values, dtype=np.float32)
         out.eliminate_zeros()
         return out
@@ -280,8 +284,9 @@ def write_results(adata, method: str, data: SpatialDataset, results: MethodResul
     out = _result_anndata(adata)
     for key, value in results.obsm.items():
         out.obsm[key] = np.asarray(value, dtype=np.float32)
+    kept_rows = _reconstruction_rows(method, results, config, data.n_cells, data.n_genes, metrics)
     for key, value in results.layers.items():
-        rows = _reconstruction_rows(key, value, method, results, config, metrics)
+        rows = kept_rows if key == f"{method}_reconstruction" else None
         if rows is None:
             out.layers[key] = _place_genes(value, data, out.n_vars)
         elif len(rows):  # otherwise the layer is left out ("none", or nothing masked)
@@ -289,16 +294,6 @@ def write_results(adata, method: str, data: SpatialDataset, results: MethodResul
             kept[rows] = True
             out.layers[key] = _place_genes(_sparse_rows(value, rows), data, out.n_vars)
             out.obs[f"{method}_reconstructed"] = kept
-    ev = getattr(config, "eval", None)
-    rec_key = f"{method}_reconstruction"
-    if rec_key not in results.layers and ev is not None and "reconstruction_layer" not in metrics:
-        policy = ev.reconstruction_policy(data.n_cells, data.n_genes)
-        if policy != "all":  # the method skipped a layer that would not be kept: say so
-            metrics["reconstruction_layer"] = {
-                "cells_kept": 0, "of_cells": int(data.n_cells),
-                "which": f"none (eval.reconstruction={ev.reconstruction} resolves to {policy!r} here"
-                         + (", and the method masks no cells)" if policy == "masked" else ")"),
-                "how_to_keep_all": "set eval.reconstruction=all"}
     for key, value in results.obs.items():
         if isinstance(value, pd.Categorical) or (isinstance(value, pd.Series) and value.dtype == "category"):
             out.obs[key] = pd.Categorical(value)
