@@ -28,17 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SPATIALSSL_SHARED_DATA", REPO.parent / "shared" / "data")) / \
     "merfish_hypothalamus_2sections.h5ad"
 TRAIN, TEST = "Animal1_Bregma_+0.26", "Animal1_Bregma_+0.21"
+DATA_OVERRIDES = {"data.section_key": "section", "data.label_key": "Cell_class", "data.ignore_labels": "Ambiguous"}
+
+
+def benchmark_overrides(mode: str, radius: float, seed: int, extra: list[str] = ()) -> dict:
+    """The benchmark's config overrides (data keys, split, view, seed) plus `extra` name=value items."""
+    return {**DATA_OVERRIDES, "eval.train_sections": TRAIN, "eval.test_sections": TEST,
+            "graph_mode": mode, "radius": str(radius), "seed": str(seed),
+            **dict(o.split("=", 1) for o in extra)}
 
 
 def run_one(adata, mode: str, radius: float, seed: int, extra: list[str]) -> dict:
     from napari_spatialssl.pipeline import fit
 
-    overrides = {
-        "data.section_key": "section", "data.label_key": "Cell_class", "data.ignore_labels": "Ambiguous",
-        "eval.train_sections": TRAIN, "eval.test_sections": TEST,
-        "graph_mode": mode, "radius": str(radius), "seed": str(seed),
-    }
-    overrides.update(dict(o.split("=", 1) for o in extra))
+    overrides = benchmark_overrides(mode, radius, seed, extra)
     t0 = time.perf_counter()
     out = fit(adata, "gnn-mask", overrides=overrides)
     m = out.metrics
@@ -113,12 +116,7 @@ def tune_one(adata, mode: str, radius: float, seed: int, pretrain: list[str], va
     from napari_spatialssl.pipeline import dataset_from_config, make_config
     from napari_spatialssl.training import Trainer, seed_everything
 
-    overrides = {
-        "data.section_key": "section", "data.label_key": "Cell_class", "data.ignore_labels": "Ambiguous",
-        "eval.train_sections": TRAIN, "eval.test_sections": TEST,
-        "graph_mode": mode, "radius": str(radius), "seed": str(seed),
-    }
-    overrides.update(dict(o.split("=", 1) for o in pretrain))
+    overrides = benchmark_overrides(mode, radius, seed, pretrain)
     cfg = make_config("gnn-mask", overrides=overrides)
     data = dataset_from_config(adata, cfg)
     truth = data.labels.copy()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gnn_mask import DATA, TEST, TRAIN  # noqa: E402
+from gnn_mask import DATA, DATA_OVERRIDES, TEST, TRAIN  # noqa: E402
 
 
 def neighbour_mean(coords: np.ndarray, section: np.ndarray, X: np.ndarray, radius: float) -> np.ndarray:
@@ -56,8 +56,7 @@ def main() -> int:
     from napari_spatialssl.pipeline import dataset_from_config, make_config
 
     warnings.simplefilter("ignore")
-    cfg = make_config("gnn-mask", overrides={"data.section_key": "section", "data.label_key": "Cell_class",
-                                             "data.ignore_labels": "Ambiguous"})
+    cfg = make_config("gnn-mask", overrides=DATA_OVERRIDES)
     data = dataset_from_config(read_h5ad(DATA), cfg)
     y, k = data.labels, len(data.label_names)
     tr = np.flatnonzero((data.section == data.section_code(TRAIN)) & (y >= 0))
