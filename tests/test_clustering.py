@@ -10,6 +10,7 @@ from napari_spatialssl.evaluation.clustering import (
     batch_mixing_scores,
     domain_scores,
     gmm_bic,
+    assign_by_neighbours,
     graph_cluster_search,
     hungarian_accuracy,
     kmeans,
@@ -48,6 +49,27 @@ def test_leiden_search_hits_target_k_and_chooses_without_k():
     assert info["criterion"] == "silhouette" and 2 <= info["n_clusters"] <= 30
     assert domain_scores(labels, y)["ari"] > 0.9
     assert len(info["tried"]) >= 3
+
+
+def test_leiden_search_subsamples_large_inputs_then_assigns_every_cell():
+    X, y = _blobs(n_per=300, k=5)  # 1,500 cells, graph on 400 of them
+    labels, info = graph_cluster_search(X, max_graph_cells=400, assign_reference_cells=200)
+    assert labels.shape == (1500,) and info["n_graph_cells"] == 400
+    assert info["assigned"]["cells"] == 1100 and info["assigned"]["reference_cells"] == 200
+    assert domain_scores(labels, y)["ari"] > 0.9
+    labels_k, info_k = graph_cluster_search(X, n_clusters=5, max_graph_cells=400)
+    assert info_k["n_clusters"] == 5 and domain_scores(labels_k, y)["ari"] > 0.95
+    # below the threshold the full graph is used and nothing is assigned
+    _, full = graph_cluster_search(X, n_clusters=5, max_graph_cells=5000)
+    assert "assigned" not in full and "n_graph_cells" not in full
+
+
+def test_assign_by_neighbours_majority_vote_in_blocks():
+    ref = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
+    ref_labels = np.array([1, 1, 0, 0, 0, 1])  # majority of 3 nearest: 1 near 0, 0 near 10
+    query = np.array([[0.05], [10.05], [0.15], [9.9]])
+    out = assign_by_neighbours(query, ref, ref_labels, n_neighbors=3, block_size=3)
+    np.testing.assert_array_equal(out, [1, 0, 1, 0])
 
 
 def test_leiden_labels_ordered_by_size_and_seeded():

@@ -120,9 +120,35 @@ def _silhouette(embeddings: np.ndarray, labels: np.ndarray, seed: int, max_cells
     return float(silhouette_score(embeddings[idx], labels[idx]))
 
 
+def assign_by_neighbours(query: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray, *,
+                         n_neighbors: int = 15, block_size: int = 100_000) -> np.ndarray:
+    """Label each query row by the majority label of its `n_neighbors` nearest reference rows.
+
+    Exact Euclidean search against the reference (brute force, as the reference is small), in
+    blocks of `block_size` query rows so memory is O(block x reference); votes are counted with
+    one bincount per block (ties go to the lower label).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    reference_labels = np.asarray(reference_labels, np.int64)
+    m = int(reference_labels.max()) + 1
+    k = min(n_neighbors, len(reference))
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(np.asarray(reference, np.float32))
+    out = np.empty(len(query), np.int64)
+    for start in range(0, len(query), block_size):
+        q = np.asarray(query[start:start + block_size], np.float32)
+        nb = nn.kneighbors(q, return_distance=False)
+        rows = np.repeat(np.arange(len(q)), k)
+        votes = np.bincount(rows * m + reference_labels[nb].ravel(), minlength=len(q) * m).reshape(len(q), m)
+        out[start:start + len(q)] = votes.argmax(1)
+    return out
+
+
 def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, *, n_neighbors: int = 15,
                          resolutions: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0),
-                         max_clusters: int = 30, seed: int = 0, max_steps: int = 20) -> tuple[np.ndarray, dict]:
+                         max_clusters: int = 30, seed: int = 0, max_steps: int = 20,
+                         max_graph_cells: int | None = 100_000,
+                         assign_reference_cells: int = 20_000) -> tuple[np.ndarray, dict]:
     """Leiden clustering of the embeddings' k-NN graph with a search over the resolution.
 
     With `n_clusters` given: bisection on the resolution (0.01 .. 5) until Leiden finds exactly
@@ -130,8 +156,33 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
     tried and the partition with the best silhouette (on up to 10k cells) among those with 2 ..
     `max_clusters` clusters is kept. Returns (labels, info) with info = {resolution, n_clusters,
     criterion, tried: [(resolution, n_clusters, score)]}.
+
+    Atlas scale: with more than `max_graph_cells` rows (None = never), the graph and the search
+    run on that many random rows, and every other row takes the majority label of its
+    `n_neighbors` nearest among `assign_reference_cells` of the clustered rows
+    (`assign_by_neighbours`); info then records ``n_graph_cells`` and ``assigned``. The exact k-NN
+    graph and 8+ Leiden runs over millions of cells do not finish in useful time on a CPU
+    (benchmarks/clustering_scale.py).
     """
     X = np.asarray(embeddings, np.float32)
+    n = len(X)
+    if max_graph_cells is not None and n > max_graph_cells:
+        rng = np.random.default_rng(seed)
+        sub = np.sort(rng.choice(n, size=max_graph_cells, replace=False))
+        sub_labels, info = graph_cluster_search(
+            X[sub], n_clusters, n_neighbors=n_neighbors, resolutions=resolutions, max_clusters=max_clusters,
+            seed=seed, max_steps=max_steps, max_graph_cells=None)
+        ref = rng.choice(len(sub), size=min(len(sub), assign_reference_cells), replace=False)
+        rest = np.ones(n, bool)
+        rest[sub] = False
+        labels = np.empty(n, np.int64)
+        labels[sub] = sub_labels
+        labels[rest] = assign_by_neighbours(X[rest], X[sub][ref], sub_labels[ref], n_neighbors=n_neighbors)
+        info.update(n_graph_cells=int(len(sub)), assigned={
+            "cells": int(rest.sum()), "reference_cells": int(len(ref)), "n_neighbors": int(n_neighbors),
+            "how": "majority of the nearest clustered cells"})
+        info["n_clusters"] = int(len(np.unique(labels)))
+        return labels, info
     conn = _knn_connectivities(X, n_neighbors, seed)
     tried = []
     if n_clusters is not None:
