@@ -122,8 +122,9 @@ def test_writer_maps_features_back_to_cells(slide, tmp_path):
     path = tmp_path / "layer.h5ad"
     assert write_points(str(path), data2, {"features": feats2, "metadata": kw["metadata"]}) == [str(path)]
     assert ad.read_h5ad(path).n_obs == 35
-    with pytest.raises(FileExistsError):
-        write_points(str(path), data2, {"features": feats2, "metadata": kw["metadata"]})
+    # napari's Save dialog confirmed the replacement: the writer replaces the file (atomically)
+    assert write_points(str(path), data2[:10], {"features": feats2.iloc[:10], "metadata": kw["metadata"]}) == [str(path)]
+    assert ad.read_h5ad(path).n_obs == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["layer.h5ad", "slide.h5ad"]  # no temp file left
     csv = tmp_path / "layer.csv"
     write_points(str(csv), data2, {"features": feats2, "metadata": kw["metadata"]})
     assert "gnn-mask_domain" in pd.read_csv(csv).columns

@@ -4,7 +4,9 @@ For a layer made by this plugin's reader the output holds the original expressio
 AnnData field, restricted to the cells still in the layer (in layer order), with the layer's features
 (including results added later, e.g. ``gnn-mask_domain``) written as obs columns. For any other Points
 layer the output holds its points as (x, y) coordinates and its features as obs columns.
-The file is written atomically and an existing file is never replaced (delete it or pick another name).
+The file is written atomically (temporary file, then rename). An existing file is replaced, as napari's
+own writers do: napari's Save dialog has already asked the user to confirm that. The core export
+functions and the CLI still refuse to replace a file unless told (`overwrite=True`, `--overwrite`).
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ def layer_to_adata(data: np.ndarray, features: pd.DataFrame | None, metadata: di
 
 
 def write_points(path: str, data: Any, meta: dict) -> list[str]:
-    """npe2 single-layer writer: ``path`` ending in .h5ad or .csv; returns the written path."""
-    check_export_path(path, overwrite=False)
+    """npe2 single-layer writer: ``path`` ending in .h5ad or .csv; returns the written path.
+
+    Replaces an existing file (atomically; the Save dialog confirmed it); the suffix and folder
+    checks run before the layer is converted."""
+    check_export_path(path, overwrite=True)
     adata = layer_to_adata(data, meta.get("features"), meta.get("metadata"))
-    return [str(write_adata(adata, path, overwrite=False))]
+    return [str(write_adata(adata, path, overwrite=True))]
 
 
 def write_layer(layer, path: str, *, overwrite: bool = False, include_expression: bool = False) -> str:
