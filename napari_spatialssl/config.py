@@ -129,7 +129,10 @@ def _coerce(text: str, current: Any, tp) -> Any:
     if isinstance(current, float) or tp is float:
         return float(text)
     if isinstance(current, (list, tuple)) or typing.get_origin(tp) in (list, tuple):
-        items = [t.strip() for t in text.split(",") if t.strip()]
+        body = text.strip()
+        if body[:1] + body[-1:] in ("[]", "()"):  # "[512,64]" as well as "512,64"
+            body = body[1:-1]
+        items = [t.strip().strip("'\"") for t in body.split(",") if t.strip()]
         elem = (typing.get_args(tp) or (str,))[0]  # list[int] / list[float] get numbers
         return [elem(t) for t in items] if elem in (int, float) else items
     try:

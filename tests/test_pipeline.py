@@ -24,6 +24,9 @@ def test_make_config_fields_and_overrides():
     cfg = make_config("gnn-mask", ["mask.ratio=0.3", "hidden_dims=64,32", "encoder=gat"], epochs=7)
     assert cfg.epochs == 7 and cfg.mask.ratio == 0.3 and cfg.hidden_dims == [64, 32] and cfg.encoder == "gat"
     assert cfg.data.preprocess.log1p is True  # gnn-mask's preprocessing default
+    # list values written as Python/JSON lists too
+    assert make_config("gnn-mask", ["hidden_dims=[128, 16]"]).hidden_dims == [128, 16]
+    assert make_config("spotscape", ["proto_granularity=(1,2.5)"]).proto_granularity == [1.0, 2.5]
     with pytest.raises(SpatialDataError, match="unknown setting"):
         make_config("gnn-mask", ["mask.nope=1"])
     with pytest.raises(ValueError, match="unknown method"):
