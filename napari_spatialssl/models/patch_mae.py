@@ -575,8 +575,7 @@ class PatchMAE(SSLMethod):
                     visible = tok_occ & (group == g)
                     masked = tok_occ & ~visible
                     states, order, pad = mae.encode(x, occ, genes, visible)
-                    pred = mae.decode(states, order, pad, tok_occ, out_genes,
-                                      context=(x_all, occ, visible) if mae.residual != "none" else None)
+                    pred = mae.decode(states, order, pad, tok_occ, out_genes, context=(x_all, occ, visible))
                     pred = model.unstandardise(pred.float(), out_genes)
                     bin_masked = mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
                     flat, keep = self._bin_index(o, lat, bin_masked)
