@@ -22,4 +22,5 @@ def __getattr__(name):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "tl": return __import__("importlib").import_module(f"{__name__}.tl")  # noqa: E701  scanpy-style verbs
     raise AttributeError(name)

@@ -1,9 +1,14 @@
-"""npe2 reader contribution: an `.h5ad` slide becomes a Points layer (see :mod:`.layers`).
+"""npe2 reader contribution: a slide becomes Points layers (see :mod:`.layers`).
 
-`get_reader` claims only `.h5ad` paths. The reader function validates the file with the core's
-:func:`read_h5ad` / :func:`get_coordinates`; a bad file raises :class:`SpatialDataError` whose message says
-what is wrong and how to fix it. napari shows that message (notification / reader dialog) and keeps the
-viewer and its layers as they were.
+`get_reader` claims `.h5ad` files and SpatialData `.zarr` stores (folders; recognised without spatialdata
+installed, so that opening one without the extra says what to install). An `.h5ad` gives one layer named
+after the file; a store gives one layer per table/region that annotates cells (circles, polygons, points
+or labels), each cell at its centroid in the table's coordinate system (see :mod:`..data.stores`). Store
+layers also carry what napari-spatialdata reads from a layer (``sdata``, ``name``, ``region_key``,
+``instance_key``, ``table_names``, ``_current_cs``, ``_active_in_cs``, ``indices``), so its widgets work on
+them. The reader validates with the core's functions; a bad input raises :class:`SpatialDataError` whose
+message says what is wrong and how to fix it. napari shows that message (notification / reader dialog)
+and keeps the viewer and its layers as they were.
 """
 
 from __future__ import annotations
@@ -13,21 +18,92 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.io import H5AD_SUFFIXES, SpatialDataError, read_h5ad
+from ..data.stores import is_spatialdata_store, read_store_layers
 from .layers import DEFAULT_MAX_POINTS, LayerData, adata_to_points
 
 
+def _is_ours(path) -> bool:
+    p = Path(path)
+    if str(p).lower().endswith(H5AD_SUFFIXES) and not p.is_dir():
+        return True
+    return is_spatialdata_store(p)
+
+
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
-    """Return :func:`read_slides` when every path is an `.h5ad` file, else None (not ours)."""
+    """Return :func:`read_slides` when every path is an `.h5ad` file or a SpatialData store, else None."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or not all(str(p).lower().endswith(H5AD_SUFFIXES) for p in paths):
+    if not paths or not all(_is_ours(p) for p in paths):
         return None
     return read_slides
 
 
 def read_slides(path: str | list[str]) -> list[LayerData]:
-    """Read one or several `.h5ad` files; one Points layer per file, named after the file."""
+    """Read `.h5ad` files (one Points layer each, named after the file) and SpatialData stores (one
+    Points layer per table/region)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [read_slide(p) for p in paths]
+    layers: list[LayerData] = []
+    for p in paths:
+        if Path(p).is_dir():
+            layers.extend(read_store(p))
+        else:
+            layers.append(read_slide(p))
+    return layers
+
+
+def read_store(path: str | os.PathLike, *, coordinate_system=None, section_key: str | None = "auto",
+               color_by: str | None = "auto", max_points: int = DEFAULT_MAX_POINTS) -> list[LayerData]:
+    """Points layer data for every table/region of a SpatialData store that annotates cells.
+
+    One region of one table: the layer is named after the store; several: ``<store> [<table>: <region>]``.
+    ``metadata['adata']`` is that region's slide in our format (``uns['spatialssl_store']`` says where it came
+    from, for writing results back); the napari-spatialdata keys name the element and the store's SpatialData.
+    """
+    p = Path(path)
+    entries = read_store_layers(p, coordinate_system=coordinate_system)
+    out = []
+    for entry in entries:
+        name = p.stem if len(entries) == 1 else f"{p.stem} [{entry['table']}: {entry['region']}]"
+        adata = entry["adata"]
+        try:
+            layer_data = adata_to_points(adata, name=name, section_key=section_key, color_by=color_by,
+                                         max_points=max_points)
+        except SpatialDataError as exc:
+            msg = str(exc)
+            if not msg.startswith(str(p)):
+                msg = f"{p}: {msg}"
+            raise SpatialDataError(msg) from None
+        _add_spatialdata_metadata(layer_data, entry)
+        meta = layer_data[1]["metadata"]
+        if meta["subsampled"]:
+            _notify(f"{name}: {meta['n_cells_total']:,} cells; showing a random {len(layer_data[0]):,} for speed "
+                    "(training, gene images and exports use every cell).")
+        out.append(layer_data)
+    return out
+
+
+def _add_spatialdata_metadata(layer_data: LayerData, entry: dict) -> None:
+    """The keys napari-spatialdata reads from a layer's metadata (see its ``get_sdata_circles``):
+    the SpatialData, the element name, the table keys, the coordinate system, and the instance id of
+    every point shown (points are placed in that coordinate system already, so no affine is needed)."""
+    kwargs = layer_data[1]
+    adata = entry["adata"]
+    ids = adata.obs[entry["instance_key"]].to_numpy()
+    features = kwargs.get("features")
+    rows = features["cell_index"].to_numpy() if features is not None and "cell_index" in features else None
+    shown = ids if rows is None else ids[rows]
+    cs = entry["coordinate_system"]
+    kwargs["metadata"].update({
+        "sdata": entry["sdata"],
+        "name": entry["region"],
+        "region_key": entry["region_key"],
+        "instance_key": entry["instance_key"],
+        "table_names": list(entry["table_names"]),
+        "_current_cs": cs,
+        "_active_in_cs": {cs},
+        "indices": shown.tolist(),
+        "_n_indices": int(len(ids)),
+        "_columns_df": None,
+    })
 
 
 # obs column pairs (x, y) used when a file has no obsm['spatial'] (common exports of imaging platforms).

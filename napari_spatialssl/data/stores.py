@@ -418,9 +418,16 @@ def _read_table(p: Path, name: str):
 
     try:
         with _no_warnings():
-            return ad.read_zarr(p / "tables" / name)
+            table = ad.read_zarr(p / "tables" / name)
     except Exception as exc:
         raise SpatialDataError(f"{p}: table {name!r} could not be read ({exc}); check the store.") from exc
+    # as spatialdata reads tables: several regions come back from zarr as an array, keys left out when None
+    keys = _table_keys(p, name)
+    attrs = dict(table.uns.get("spatialdata_attrs", {}))
+    region = keys["regions"] if len(keys["regions"]) != 1 else keys["regions"][0]
+    attrs.update({"region": region or None, "region_key": keys["region_key"], "instance_key": keys["instance_key"]})
+    table.uns["spatialdata_attrs"] = attrs
+    return table
 
 
 def read_store(path: str | os.PathLike, table: str | None = None, coordinate_system: str | dict | None = None,
