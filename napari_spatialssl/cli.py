@@ -1,7 +1,8 @@
-"""The `napari-spatialssl` command line: fit, predict, export, demo.
+"""The `napari-spatialssl` command line: fit, predict, export, convert-model, demo.
 
 Every subcommand runs the same core pipeline as the Python API and the napari widget.
-Errors in the input are printed as one clear line (exit code 2), not a traceback.
+Every error is printed as one line naming the file or setting and the cause (exit code 2);
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,17 +19,27 @@ def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2) instead of usage + error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="napari-spatialssl",
         description="Self-supervised learning on spatial transcriptomics slides (.h5ad).",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     f = sub.add_parser("fit", help="pretrain a method on a slide, evaluate it, write results")
-    f.add_argument("data", help="input slide (.h5ad)")
-    f.add_argument("--method", required=True, choices=METHOD_IDS)
-    f.add_argument("--out", required=True, help="output folder (result.h5ad, metrics.json, config.json, model.pt, loss.csv)")
+    f.add_argument("data", nargs="?", help="input slide (.h5ad); with --resume, default the interrupted run's slide")
+    f.add_argument("--method", choices=METHOD_IDS)
+    f.add_argument("--out", help="output folder (result.h5ad, metrics.json, config.json, model.safetensors, "
+                                 "model.json, loss.csv, manifest.json), written completely or not at all")
+    f.add_argument("--resume", metavar="DIR", help="continue the interrupted run into folder DIR (its --out) from "
+                                                   "its last training checkpoint, with the settings it was started with")
     f.add_argument("--section-key", help="obs column of section ids ('auto' detects; 'none' = one section)")
     f.add_argument("--label-key", help="obs column of cell-type labels (for fine-tuning / probes)")
     f.add_argument("--ignore-labels", help="comma-separated label values meaning 'unknown'")
@@ -46,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any config field, e.g. --set hidden_dim=128 --set mask.ratio=0.3 (repeatable)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     r = sub.add_parser("predict", help="apply a trained model to a (new) slide")
     r.add_argument("data", help="input slide (.h5ad)")
@@ -55,18 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-missing-genes", type=float, default=0.2,
                    help="largest fraction of the model's genes that may be missing and zero-filled (default 0.2)")
     r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     e = sub.add_parser("export", help="export an annotated slide to .h5ad or .csv")
     e.add_argument("data", help="input slide (.h5ad), e.g. a result.h5ad")
     e.add_argument("output", help="output file (.h5ad or .csv)")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    c = sub.add_parser("convert-model", help="rewrite a model folder of napari-spatialssl < 0.2 (model.pt) in "
+                                             "the safe format (model.safetensors + model.json), read safely")
+    c.add_argument("old", help="folder (or model.pt) written by an older version")
+    c.add_argument("new", help="new folder")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     d = sub.add_parser("demo", help="open napari with a sample slide and the plugin (headless: write a PNG)")
     d.add_argument("--sample", default="osmfish", help="sample slide: osmfish or starmap")
     d.add_argument("--out", default="demo_output", help="folder for the headless PNG and summary")
     d.add_argument("--headless", action="store_true", help="never open a window, even with a display")
     d.add_argument("--color-by", default=None, help="obs column to colour points by (default: cell type)")
+    d.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
+
+
+# flags that change settings: refused with --resume, which continues with the run's own settings
+SETTING_FLAGS = ("method", "section_key", "label_key", "ignore_labels", "domain_key", "n_domains", "train_sections",
+                 "test_sections", "coords", "spatial_key", "epochs", "seed", "lr", "device")
 
 
 def _fit_config(args):
@@ -96,18 +123,64 @@ def _fit_config(args):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
-    from .config import apply_overrides
+    from .config import apply_overrides, validate_config
 
-    return apply_overrides(cfg, args.overrides)
+    return validate_config(apply_overrides(cfg, args.overrides))
+
+
+def _warn(lines) -> None:
+    for line in lines:
+        print(f"napari-spatialssl: note: {line}", file=sys.stderr)
 
 
 def cmd_fit(args) -> int:
     from .data.io import read_h5ad
     from .pipeline import Pipeline
+    from .runs import RunFolder, file_fingerprint, same_file
 
-    cfg = _fit_config(args)
-    adata = read_h5ad(args.data)
-    out = Pipeline(args.method, cfg).fit(adata, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in SETTING_FLAGS if getattr(args, n) is not None]
+        given += ["--set"] * bool(args.overrides) + ["--out"] * bool(args.out and args.out != args.resume)
+        if given:
+            raise UsageError(f"--resume continues the run with the settings it was started with; drop {given[0]}.")
+        run = RunFolder(args.resume, resume=True).open()
+        try:
+            info = run.read_run_info()
+            from .config import config_from_dict, validate_config
+            from .models.base import get_method_class
+
+            method = info["method"]
+            cfg = validate_config(config_from_dict(get_method_class(method).config_class, info["config"]))
+            source = info.get("source") or {}
+            data_path = args.data or source.get("path")
+            if not data_path:
+                raise UsageError(f"--resume {args.resume}: the interrupted run was not started from a file; "
+                                 "pass the slide too (napari-spatialssl fit SLIDE --resume DIR).")
+            if "sha256_head_tail" in source and Path(data_path).is_file() and not same_file(source, data_path):
+                raise UsageError(f"--resume {args.resume}: {data_path} is not the slide the run was started with "
+                                 f"({source.get('path')}); pass that slide.")
+        except BaseException:
+            run.close()
+            raise
+        out_label = args.resume
+    else:
+        missing = [n for n in ("data", "method", "out") if getattr(args, n) is None]
+        if missing:
+            raise UsageError(f"fit needs {', '.join('--' + m if m != 'data' else 'a slide' for m in missing)} "
+                             "(or --resume DIR).")
+        cfg = _fit_config(args)  # every setting validated before the slide is read
+        method, data_path = args.method, args.data
+        run = RunFolder(args.out, overwrite=args.overwrite).open()  # --out checked and locked before any work
+        out_label = args.out
+    _warn(run.notes)
+    try:
+        adata = read_h5ad(data_path)
+        pipeline = Pipeline(method, cfg)
+        out = pipeline.fit(adata, run, progress=not args.quiet, resume=bool(args.resume), name=str(data_path),
+                           source=file_fingerprint(data_path))
+    finally:
+        run.close()
+    _warn(out.metrics.get("warnings", []))
     summary = {k: out.metrics[k] for k in ("method", "seed", "device", "train_seconds", "epochs")}
     # headline figures when the method reports them (see metrics.json for everything)
     rec, ct = out.metrics.get("reconstruction") or {}, out.metrics.get("cell_type") or {}
@@ -118,21 +191,37 @@ def cmd_fit(args) -> int:
         summary["macro_f1"] = ct["macro_f1"]
         summary["macro_f1_baselines"] = {k: v.get("macro_f1") for k, v in ct.get("baselines", {}).items()}
     print(json.dumps(summary))
-    print(f"results written to {Path(args.out).resolve()}")
+    print(f"results written to {Path(out_label).resolve()}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .data.io import read_h5ad
     from .pipeline import predict
+    from .runs import RunFolder
 
-    adata = read_h5ad(args.data)
-    out = predict(adata, args.model, args.out, overwrite=args.overwrite, device=args.device,
-                  max_missing_fraction=args.max_missing_genes, name=args.data)
+    run = RunFolder(args.out, overwrite=args.overwrite).open()  # checked and locked before predicting
+    _warn(run.notes)
+    notes: list[str] = []
+    try:
+        adata = read_h5ad(args.data)
+        out = predict(adata, args.model, run, device=args.device, max_missing_fraction=args.max_missing_genes,
+                      name=args.data, notes=notes)
+    finally:
+        run.close()
+    _warn(notes)
     if out.metrics.get("n_missing_genes"):
         print(f"{out.metrics['n_missing_genes']} model gene(s) missing from {args.data}, zero-filled: "
               f"{out.metrics['missing_genes'][:10]}", file=sys.stderr)
     print(f"results written to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .pipeline import convert_model
+
+    path = convert_model(args.old, args.new, overwrite=args.overwrite)
+    print(f"written {path}")
     return 0
 
 
@@ -150,21 +239,52 @@ def cmd_demo(args) -> int:
     return run_demo(sample=args.sample, out_dir=args.out, headless=args.headless, color_by=args.color_by)
 
 
-COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export, "convert-model": cmd_convert,
+            "demo": cmd_demo}
+
+
+class UsageError(Exception):
+    """A combination of command-line arguments that cannot work; the message says what to change."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the file or setting and the cause, for any error."""
+    from .data.io import SpatialDataError, describe_os_error
+
+    if isinstance(exc, (SpatialDataError, UsageError)):
+        text = str(exc)
+    elif isinstance(exc, (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        text = str(exc) if exc.filename is None else f"{exc.filename}: {describe_os_error(exc)}"
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        text = f"{where}{describe_os_error(exc)}"
+    elif isinstance(exc, MemoryError):
+        text = ("out of memory; use a smaller setting (see the memory estimate with --debug) or a machine with more "
+                "memory")
+    elif isinstance(exc, FloatingPointError):
+        text = str(exc)
+    elif isinstance(exc, RuntimeError) and ("No space left" in str(exc) or "enforce fail" in str(exc)):
+        text = describe_os_error(exc)
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        text = f"{type(exc).__name__}: {first} (unexpected; run again with --debug and report the traceback)"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data.io import SpatialDataError
-
     try:
         return COMMANDS[args.command](args)
-    except (SpatialDataError, FileExistsError, FileNotFoundError) as exc:
-        print(f"napari-spatialssl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # noqa: BLE001 - every error is one line (or a traceback with --debug)
+        if isinstance(exc, SystemExit):
+            raise
+        if getattr(args, "debug", False):
+            raise
+        print(f"napari-spatialssl {args.command}: error: {describe_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ class TrainConfig:
     min_delta: float = 0.0
     grad_clip: float | None = 1.0
     log_every: int = 1  # steps between progress events
+    # resumable training state (fit --resume): every this many epochs, and whenever this many
+    # minutes have passed since the last save; 0 = off for that rule
+    checkpoint_every: int = 10
+    checkpoint_minutes: float = 5.0
+    # training memory budget in GB (None = 90 % of the memory available when training starts:
+    # the GPU's free memory on CUDA, else the machine's); a run estimated above it is refused
+    # before training, with a setting that fits
+    max_memory_gb: float | None = None
 
 
 @dataclass
@@ -68,8 +76,6 @@ class EvalConfig:
     reconstruction_max_values: int = 500_000_000
 
     def validate(self) -> None:
-        if self.reconstruction is None:  # `--set eval.reconstruction=none` parses to None
-            self.reconstruction = "none"
         if self.reconstruction not in RECONSTRUCTION_CHOICES:
             raise SpatialDataError(f"eval.reconstruction={self.reconstruction!r}: choose one of "
                                    f"{', '.join(RECONSTRUCTION_CHOICES)}.")
@@ -113,11 +119,14 @@ def _dataclass_type(tp):
     return None
 
 
-def _coerce(text: str, current: Any, tp) -> Any:
-    """Parse a --set value by the field's current value / annotation."""
+def _coerce(text: str, current: Any, tp, optional: bool = True) -> Any:
+    """Parse a --set value by the field's current value / annotation ('none' is None only where
+    the setting may be None; a text setting keeps the word)."""
     low = text.strip().lower()
-    if low in ("none", "null"):
+    if low in ("none", "null") and (optional or tp is not str):
         return None
+    if tp is str:
+        return text.strip()
     if isinstance(current, bool) or tp is bool:
         if low in ("1", "true", "yes", "on"):
             return True
@@ -159,11 +168,12 @@ def apply_overrides(cfg, overrides: list[str] | dict | None):
             raise SpatialDataError(
                 f"--set {name}: unknown setting {leaf!r} for {type(target).__name__}; known: {sorted(fields)}."
             )
-        tp = typing.get_type_hints(type(target)).get(leaf)
-        tp = _strip_optional(tp)
+        raw_tp = typing.get_type_hints(type(target)).get(leaf)
+        tp = _strip_optional(raw_tp)
+        optional = type(None) in typing.get_args(raw_tp)
         current = getattr(target, leaf)
         try:
-            parsed = _coerce(value, current, tp) if isinstance(value, str) else value
+            parsed = _coerce(value, current, tp, optional) if isinstance(value, str) else value
         except ValueError as exc:
             raise SpatialDataError(f"--set {name}={value}: {exc}.") from exc
         setattr(target, leaf, parsed)
@@ -182,3 +192,145 @@ def _split(text: str) -> tuple[str, str]:
         raise SpatialDataError(f"--set {text!r}: expected name=value.")
     name, value = text.split("=", 1)
     return name.strip(), value
+
+
+# -- validation: every setting is checked when a config is made, before any data is read ---------
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting (for lists: of each element)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def check(self, value) -> str | None:
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
+        return None
+
+
+_POSITIVE = Range(0, lo_open=True)
+_NON_NEGATIVE = Range(0)
+_AT_LEAST_1 = Range(1)
+_FRACTION = Range(0, 1)
+
+# The allowed range of every numeric setting, by field name (the same name means the same kind of
+# quantity in every config). A numeric field missing here is a bug caught by the tests.
+FIELD_RANGES: dict[str, Range] = {
+    # Trainer
+    "epochs": _AT_LEAST_1, "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
+    "patience": _NON_NEGATIVE, "min_delta": _NON_NEGATIVE, "grad_clip": _POSITIVE, "log_every": _AT_LEAST_1,
+    "checkpoint_every": _NON_NEGATIVE, "checkpoint_minutes": _NON_NEGATIVE, "max_memory_gb": _POSITIVE,
+    # data / preprocessing / evaluation
+    "target_sum": _POSITIVE, "n_top_genes": _AT_LEAST_1, "max_value": _POSITIVE, "n_domains": Range(2),
+    "reconstruction_max_values": _NON_NEGATIVE,
+    # masks
+    "ratio": _FRACTION, "niche_hops": _NON_NEGATIVE, "region_size": _AT_LEAST_1, "n_regions": _AT_LEAST_1,
+    # graphs and views
+    "radius": _POSITIVE, "radius_factor": _POSITIVE, "k_neighbors": _AT_LEAST_1, "target_degree": _AT_LEAST_1,
+    "num_hops": _AT_LEAST_1, "sections_per_step": _AT_LEAST_1, "batch_size": _AT_LEAST_1,
+    "bin_size": _POSITIVE, "bin_factor": _POSITIVE, "patch_size": Range(2), "token_bins": _AT_LEAST_1,
+    "n_channels": _AT_LEAST_1, "min_occupancy": _FRACTION, "patches_per_epoch": _AT_LEAST_1,
+    "embed_stride": _AT_LEAST_1,
+    # networks
+    "hidden_dims": _AT_LEAST_1, "heads": _AT_LEAST_1, "dropout": Range(0, 1, hi_open=True),
+    "decoder_hidden": _AT_LEAST_1, "dim": _AT_LEAST_1, "depth": _AT_LEAST_1, "decoder_dim": _AT_LEAST_1,
+    "decoder_depth": _NON_NEGATIVE, "decoder_heads": _AT_LEAST_1, "readout_init_std": _NON_NEGATIVE,
+    # losses, augmentations
+    "edge_drop": Range(0, 1, hi_open=True), "feature_mask": Range(0, 1, hi_open=True), "lambda_recon": _NON_NEGATIVE,
+    "lambda_telescope": _NON_NEGATIVE, "lambda_scale": _NON_NEGATIVE, "lambda_proto": _NON_NEGATIVE,
+    "recon_spots": _AT_LEAST_1, "scale_top_k": _AT_LEAST_1, "scale_block_size": _AT_LEAST_1,
+    "scale_anchor_spots": _AT_LEAST_1, "proto_start_epoch": _NON_NEGATIVE, "proto_granularity": _POSITIVE,
+    "proto_k": Range(2), "proto_tau": _POSITIVE, "kmeans_iters": _AT_LEAST_1, "loss_l1": _NON_NEGATIVE,
+    "region_mix": _FRACTION, "label_smoothing": Range(0, 1, hi_open=True),
+    # held-out parts, fine-tuning, probes, benchmarks
+    "val_fraction": Range(0, 1, hi_open=True), "max_val_cells": _AT_LEAST_1, "holdout_fraction": Range(0, 1, hi_open=True),
+    "holdout_seed": _NON_NEGATIVE, "probe_epochs": _NON_NEGATIVE, "probe_lr": _POSITIVE,
+    "probe_train_fraction": Range(0, 1, lo_open=True, hi_open=True), "probe_k": _AT_LEAST_1,
+    "probe_hidden": _AT_LEAST_1, "eval_masked_genes": Range(0, 1, hi_open=True),
+    "eval_mask_sizes": _AT_LEAST_1, "eval_mask_regions": _AT_LEAST_1, "eval_mask_repeats": _AT_LEAST_1,
+    "eval_batch_size": _AT_LEAST_1,
+    # memory
+    "dense_cache_gb": _NON_NEGATIVE, "dense_cache_mb": _NON_NEGATIVE,
+}
+
+
+def _type_error(path: str, value, want: str) -> SpatialDataError:
+    return SpatialDataError(f"setting {path}={value!r}: expected {want}, got {type(value).__name__}.")
+
+
+def _check_scalar(path: str, value, tp):
+    """`value` checked (and int -> float widened) against annotation `tp`; returns the value to keep."""
+    import math
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+            raise _type_error(path, value, "a whole number")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(path, value, "a number")
+        if not math.isfinite(value):
+            raise SpatialDataError(f"setting {path}={value!r}: must be a finite number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(path, value, "text")
+        return value
+    return value
+
+
+def validate_config(cfg, prefix: str = ""):
+    """Check the types and ranges of every setting of `cfg` (nested configs included), then the
+    config's own cross-field rules (its ``validate()``). Raises SpatialDataError naming the
+    setting; returns `cfg` (ints given for floats are stored as floats)."""
+    import numbers
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        path = prefix + f.name
+        value = getattr(cfg, f.name)
+        tp = hints.get(f.name)
+        optional = type(None) in typing.get_args(tp)
+        base = _strip_optional(tp)
+        if dataclasses.is_dataclass(base):
+            if not dataclasses.is_dataclass(value):
+                raise _type_error(path, value, f"a {base.__name__}")
+            validate_config(value, path + ".")
+            continue
+        if value is None:
+            if not optional:
+                raise SpatialDataError(f"setting {path}=None: a value is required.")
+            continue
+        origin = typing.get_origin(base)
+        if origin in (list, tuple):
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise _type_error(path, value, "a list")
+            elem = (typing.get_args(base) or (object,))[0]
+            value = [_check_scalar(f"{path}[{i}]", v, elem) for i, v in enumerate(value)]
+            setattr(cfg, f.name, value)
+            rule = FIELD_RANGES.get(f.name)
+            for i, v in enumerate(value):
+                why = rule.check(v) if rule is not None and isinstance(v, numbers.Number) else None
+                if why:
+                    raise SpatialDataError(f"setting {path}[{i}]={v!r}: {why}.")
+            continue
+        value = _check_scalar(path, value, base)
+        setattr(cfg, f.name, value)
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            rule = FIELD_RANGES.get(f.name)
+            why = rule.check(value) if rule is not None else None
+            if why:
+                raise SpatialDataError(f"setting {path}={value!r}: {why}.")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg

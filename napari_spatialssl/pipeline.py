@@ -22,11 +22,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from .config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from . import checkpoints
+from .config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, validate_config
 from .data.dataset import SpatialDataset, rows_as_csr
 from .data.io import SpatialDataError, atomic_write_h5ad, atomic_write_text
 from .models.base import MethodResults, SSLMethod, data_config_of, get_method_class
-from .training import TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, seed_everything
+from .runs import RunFolder, RunFolderError, verify_run
+from .training import (TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, save_model,
+                       seed_everything)
 
 UNS_KEY = "spatialssl"
 
@@ -36,7 +39,7 @@ def make_config(method: str, overrides: list[str] | dict | None = None, **fields
     cls = get_method_class(method).config_class
     cfg = cls()
     apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
-    return apply_overrides(cfg, overrides)
+    return validate_config(apply_overrides(cfg, overrides))
 
 
 def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> SpatialDataset:
@@ -74,6 +77,10 @@ class Pipeline:
     def __init__(self, method: str, config=None):
         self.method_cls = get_method_class(method)
         self.config = config if config is not None else self.method_cls.config_class()
+        if not isinstance(self.config, self.method_cls.config_class):
+            raise SpatialDataError(f"{method}: config is a {type(self.config).__name__}; pass a "
+                                   f"{self.method_cls.config_class.__name__} (pipeline.make_config({method!r}, ...)).")
+        validate_config(self.config)  # before any data is read
         self.method: SSLMethod = self.method_cls(self.config)
         self.output: PipelineOutput | None = None
         self._trainers: list[Trainer] = []
@@ -87,11 +94,12 @@ class Pipeline:
         for t in self._trainers:
             t.stop()
 
-    def make_trainer(self, train_config: TrainConfig, checkpoint_path=None, stage: str | None = None) -> Trainer:
+    def make_trainer(self, train_config: TrainConfig, checkpoint_path=None, stage: str | None = None,
+                     state_dir=None, resume: bool = False) -> Trainer:
         """A Trainer that `stop` reaches. Trainers made while the method evaluates (fine-tuning a
         head, say) report their events through `run`, named `stage` (default "downstream training N")."""
         if self._downstream_events is None:
-            trainer = Trainer(train_config, checkpoint_path=checkpoint_path)
+            trainer = Trainer(train_config, checkpoint_path=checkpoint_path, state_dir=state_dir, resume=resume)
         else:
             self._n_downstream += 1
             trainer = Trainer(train_config, checkpoint_path=checkpoint_path,
@@ -102,20 +110,50 @@ class Pipeline:
         self._trainers.append(trainer)
         return trainer
 
-    def run(self, adata, out_dir: str | Path | None = None, *, overwrite: bool = False,
-            name: str = "AnnData") -> Iterator[TrainEvent]:
-        out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            _check_out_dir(out, overwrite)
-        ev = getattr(self.config, "eval", None)
-        if ev is not None and hasattr(ev, "validate"):
-            ev.validate()
+    def run(self, adata, out_dir: str | Path | RunFolder | None = None, *, overwrite: bool = False,
+            name: str = "AnnData", resume: bool = False, source: dict | None = None) -> Iterator[TrainEvent]:
+        """Train and evaluate on `adata`; with `out_dir`, write the run folder (complete or absent:
+        see runs.py). `out_dir` may be a RunFolder already opened by the caller (the CLI opens it
+        before reading the slide). ``resume=True`` continues the interrupted run in `out_dir`
+        from its last training checkpoint. `source` describes where `adata` was read from
+        (recorded for --resume)."""
+        run = out_dir if isinstance(out_dir, RunFolder) else (
+            RunFolder(out_dir, overwrite=overwrite, resume=resume) if out_dir is not None else None)
+        if run is not None and run._fd is None:
+            run.open()
+        try:
+            yield from self._run(adata, run, name, resume, source)
+        finally:
+            if run is not None:
+                run.close()
+
+    def _run(self, adata, run: RunFolder | None, name: str, resume: bool, source: dict | None):
         data = dataset_from_config(adata, self.config, name=name)
+        check_data(self.method_cls.name, data, self.config)
+        if run is not None:
+            if resume:
+                info = run.read_run_info()
+                if info.get("method") != self.method_cls.name or \
+                        info.get("config") != checkpoints.to_jsonable(config_to_dict(self.config)):
+                    raise RunFolderError(f"--resume {run.out}: the interrupted run was a {info.get('method')} run "
+                                         "with other settings; resume it with the settings it was started with.")
+                if info.get("n_cells") != data.n_cells or info.get("n_genes") != data.n_genes:
+                    raise RunFolderError(f"--resume {run.out}: the slide differs from the interrupted run's "
+                                         f"({data.n_cells} cells x {data.n_genes} genes, it had {info.get('n_cells')} "
+                                         f"x {info.get('n_genes')}); pass the same slide.")
+            else:
+                run.write_run_info({"method": self.method_cls.name,
+                                    "config": checkpoints.to_jsonable(config_to_dict(self.config)),
+                                    "source": source or {"name": name}, "n_cells": data.n_cells,
+                                    "n_genes": data.n_genes, "versions": package_versions()})
+            run.keep_on_failure = True  # a failed or interrupted run can be continued with --resume
         yield TrainEvent("stage", 0, self.config.epochs, message=f"preparing {self.method_cls.name}")
         self.method.data = data
         seed_everything(self.config.seed)  # model initialisation in prepare is reproducible too
         self.method.prepare(data)
-        trainer = self.make_trainer(self.config)
+        trainer = self.make_trainer(self.config, state_dir=run.checkpoint_dir if run is not None else None,
+                                    resume=resume)
+        check_training_memory(self.method, trainer.device, self.config)
         yield from trainer.run(self.method)
         train_result = trainer.result
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating",
@@ -132,13 +170,18 @@ class Pipeline:
             "cells_per_second": data.n_cells * train_result.epochs_run / max(train_result.train_seconds, 1e-9),
             "stopped_by_user": train_result.stopped_by_user,
             "stopped_early": train_result.stopped_early,
+            "resumed": bool(resume),
             "data": data.summary(),
             **results.metrics,
         }
         result_adata = write_results(adata, self.method_cls.name, data, results, self.config, metrics)
         files = {}
-        if out is not None:
-            files = save_run(out, result_adata, metrics, self.config, trainer, self.method, train_result.history)
+        if run is not None:
+            yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="writing the run folder",
+                             stage="writing")
+            save_run(run.staging, result_adata, metrics, self.config, self.method, train_result.history)
+            out = run.commit("fit", method=self.method_cls.name)
+            files = run_files(out)
         self.output = PipelineOutput(result_adata, metrics, self.method, train_result, files)
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="done")
 
@@ -172,9 +215,10 @@ class Pipeline:
         return box["results"]
 
     def fit(self, adata, out_dir=None, *, overwrite: bool = False, progress: bool = False,
-            callback: Callable[[TrainEvent], None] | None = None) -> PipelineOutput:
+            callback: Callable[[TrainEvent], None] | None = None, resume: bool = False,
+            name: str = "AnnData", source: dict | None = None) -> PipelineOutput:
         bar = None
-        for event in self.run(adata, out_dir, overwrite=overwrite):
+        for event in self.run(adata, out_dir, overwrite=overwrite, resume=resume, name=name, source=source):
             if callback is not None:
                 callback(event)
             if progress:
@@ -202,15 +246,52 @@ def _progress(bar, event: TrainEvent):
 
 
 def fit(adata, method: str, out_dir=None, *, overwrite: bool = False, progress: bool = False,
-        config=None, overrides: list[str] | dict | None = None, **fields) -> PipelineOutput:
-    """Train `method` on `adata` and evaluate it. Python API equivalent of ``napari-spatialssl fit``."""
+        config=None, overrides: list[str] | dict | None = None, resume: bool = False, **fields) -> PipelineOutput:
+    """Train `method` on `adata` and evaluate it. Python API equivalent of ``napari-spatialssl fit``.
+
+    ``resume=True`` continues an interrupted run into `out_dir` (same slide, same settings)."""
     cfg = config if config is not None else make_config(method, overrides, **fields)
-    return Pipeline(method, cfg).fit(adata, out_dir, overwrite=overwrite, progress=progress)
+    return Pipeline(method, cfg).fit(adata, out_dir, overwrite=overwrite, progress=progress, resume=resume)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if (out / "result.h5ad").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a result; pass --overwrite or choose another --out.")
+MIN_CELLS = 10
+MIN_SECTION_CELLS = 3
+
+
+def check_data(method: str, data: SpatialDataset, config) -> None:
+    """Preconditions every method shares, checked before any training (one clear line each)."""
+    if data.n_cells < MIN_CELLS:
+        raise SpatialDataError(f"{method}: the slide has {data.n_cells} cell(s); at least {MIN_CELLS} are needed.")
+    counts = np.bincount(data.section, minlength=data.n_sections)
+    small = [data.section_names[i] for i in np.flatnonzero(counts < MIN_SECTION_CELLS)]
+    if small:
+        key = data.section_key
+        if len(small) > data.n_sections // 2:
+            raise SpatialDataError(
+                f"section key {key!r}: {len(small)} of its {data.n_sections} sections hold fewer than "
+                f"{MIN_SECTION_CELLS} cells, so it does not name sections; choose the column that does "
+                "(--section-key NAME) or use one section (--section-key none).")
+        raise SpatialDataError(f"section key {key!r}: section(s) {small[:5]} hold fewer than {MIN_SECTION_CELLS} "
+                               "cells; drop them (adata = adata[~adata.obs[key].isin([...])]) before training.")
+    cls = get_method_class(method)
+    if hasattr(cls, "check_data"):
+        cls.check_data(data, config)
+
+
+def check_training_memory(method: SSLMethod, device, config) -> None:
+    """Refuse, before training, a run whose estimated training memory exceeds the budget."""
+    from .budget import check_budget
+
+    estimate = method.training_memory() if hasattr(method, "training_memory") else None
+    if estimate is not None:
+        check_budget(estimate, device, config.max_memory_gb, method=method.name)
+
+
+def run_files(folder: Path) -> dict:
+    """{role: path} of the files in a complete run folder."""
+    roles = {"result": "result.h5ad", "metrics": "metrics.json", "config": "config.json", "model": "model.safetensors",
+             "model_meta": checkpoints.META_FILE, "loss": "loss.csv", "manifest": "manifest.json"}
+    return {k: str(folder / v) for k, v in roles.items() if (folder / v).exists()}
 
 
 def _place_genes(values, data: SpatialDataset, n_vars: int):
@@ -326,19 +407,29 @@ def _jsonable(obj):
     return obj
 
 
-def save_run(out: Path, result_adata, metrics: dict, config, trainer: Trainer, method: SSLMethod,
-             history: list[dict]) -> dict:
-    """result.h5ad, metrics.json, config.json, model.pt, loss.csv: each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+def save_run(folder: Path, result_adata, metrics: dict, config, method: SSLMethod, history: list[dict]) -> dict:
+    """result.h5ad, metrics.json, config.json, model.safetensors + model.json, loss.csv into `folder`
+    (the staging folder of a RunFolder), each written atomically. No Trainer needed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "result": atomic_write_h5ad(result_adata, out / "result.h5ad", overwrite=True),
-        "metrics": atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2)),
-        "config": atomic_write_text(out / "config.json", json.dumps(
+        "result": atomic_write_h5ad(result_adata, folder / "result.h5ad", overwrite=True),
+        "metrics": atomic_write_text(folder / "metrics.json", json.dumps(_jsonable(metrics), indent=2)),
+        "config": atomic_write_text(folder / "config.json", json.dumps(
             {"method": method.name, "config": config_to_dict(config)}, indent=2)),
-        "model": trainer.save_checkpoint(method, history, out / "model.pt"),
-        "loss": atomic_write_text(out / "loss.csv", _history_csv(history)),
+        "model": save_model(folder, method, config, history),
+        "loss": atomic_write_text(folder / "loss.csv", _history_csv(history)),
     }
     return {k: str(v) for k, v in files.items()}
+
+
+def save_trained(out: str | Path, output: "PipelineOutput", *, overwrite: bool = False) -> dict:
+    """Write a trained result (e.g. from the widget) as a complete run folder `out`."""
+    with RunFolder(out, overwrite=overwrite, what="folder") as run:
+        history = output.train_result.history if output.train_result is not None else []
+        save_run(run.staging, output.adata, output.metrics, output.method.config, output.method, history)
+        folder = run.commit("fit", method=output.method.name)
+    return run_files(folder)
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -353,56 +444,109 @@ def _history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def load_model(model_dir: str | Path):
-    """(method instance with weights loaded, its config) from a folder written by `fit`."""
-    payload = load_checkpoint(model_dir)
-    cls = get_method_class(payload["method"])
-    cfg = config_from_dict(cls.config_class, payload["config"])
+def load_model(model_dir: str | Path, *, notes: list[str] | None = None):
+    """(method instance with weights loaded, its config) from a folder written by `fit`.
+
+    The folder must be complete (its manifest matches the model files); a model.pt of an older
+    version is read safely (nothing in it is executed) and a note suggests converting it. Nothing
+    read from disk is executed: weights come from safetensors, the rest from JSON."""
+    path = Path(model_dir)
+    if path.is_dir() and not _is_legacy_folder(path):
+        verify_run(path, files=(checkpoints.WEIGHTS_FILE, checkpoints.META_FILE))
+    payload = load_checkpoint(path)
+    if payload.get("legacy") and notes is not None:
+        notes.append(f"{path}: a model of napari-spatialssl < 0.2 (model.pt), read safely; convert it once with "
+                     f"'napari-spatialssl convert-model {path} NEW_FOLDER'.")
+    return method_from_payload(payload, str(path))
+
+
+def _is_legacy_folder(path: Path) -> bool:
+    return (path / checkpoints.LEGACY_FILE).exists() and not (path / checkpoints.WEIGHTS_FILE).exists() \
+        and not (path / "manifest.json").exists()
+
+
+def method_from_payload(payload: dict, source: str):
+    try:
+        cls = get_method_class(str(payload["method"]))
+    except ValueError as exc:
+        raise checkpoints.ModelFileError(f"{source}: {exc}") from exc
+    cfg = validate_config(config_from_dict(cls.config_class, payload["config"]))
     method = cls(cfg)
     method.load_extra_state(payload.get("extra", {}))
-    method.load_state_dict_for_predict(payload["state_dict"])
+    model = method.build_model()
+    checkpoints.check_weights_match(model, payload["state_dict"], source)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    method.model = model
     return method, cfg
+
+
+def convert_model(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """Rewrite a model folder (or model.pt) of napari-spatialssl < 0.2 as a current run folder, read
+    safely; the other files of the folder (result.h5ad, metrics.json, ...) are copied as they are."""
+    import shutil
+
+    src = Path(src)
+    payload = checkpoints.read_model(src)
+    method, cfg = method_from_payload(payload, str(src))
+    folder = src if src.is_dir() else src.parent
+    with RunFolder(dst, overwrite=overwrite, what="NEW_FOLDER") as run:
+        for name in ("result.h5ad", "metrics.json", "config.json", "loss.csv"):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, run.staging / name)
+        save_model(run.staging, method, cfg, payload.get("history", []), extra=payload.get("extra", {}))
+        return run.commit("fit", method=method.name, extra={"converted_from": str(src.resolve())})
 
 
 MAX_MISSING_GENE_FRACTION = 0.2
 
 
-def predict(adata, model_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False,
-            device: str = "auto", max_missing_fraction: float = MAX_MISSING_GENE_FRACTION,
-            name: str = "AnnData") -> PipelineOutput:
+def predict(adata, model_dir: str | Path, out_dir: str | Path | RunFolder | None = None, *,
+            overwrite: bool = False, device: str = "auto", max_missing_fraction: float = MAX_MISSING_GENE_FRACTION,
+            name: str = "AnnData", notes: list[str] | None = None) -> PipelineOutput:
     """Apply a trained model to a new slide, matching genes by name (missing genes zero-filled
-    up to `max_missing_fraction` of the model's genes, else refused)."""
+    up to `max_missing_fraction` of the model's genes, else refused). With `out_dir`, result.h5ad
+    and metrics.json are written as a complete run folder (checked before predicting)."""
     from .training import resolve_device
 
-    method, cfg = load_model(model_dir)
-    genes = [str(g) for g in method.extra_state().get("genes", [])]
-    var = set(np.asarray(adata.var_names).astype(str))
-    missing = [g for g in genes if g not in var]
-    if genes and len(missing) > max_missing_fraction * len(genes):
-        raise SpatialDataError(
-            f"{name}: {len(missing)} of the model's {len(genes)} genes are missing from this slide "
-            f"(e.g. {missing[:5]}); at most {max_missing_fraction:.0%} may be zero-filled. "
-            "Use a slide measured with the same gene panel."
-        )
-    # A new slide may lack the training slide's label/section columns.
-    dc = data_config_of(cfg)
-    if dc.label_key and dc.label_key not in adata.obs.columns:
-        dc.label_key = None
-    if dc.section_key not in (None, "auto") and dc.section_key not in adata.obs.columns:
-        dc.section_key = "auto"
-    data = dataset_from_config(adata, cfg, genes=genes or None, name=name)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
-    method.data = data
-    results = method.predict(data, dev)
-    metrics = {"method": method.name, "device": str(dev), "predict_seconds": time.perf_counter() - t0,
-               "missing_genes": missing, "n_missing_genes": len(missing), **results.metrics}
-    result_adata = write_results(adata, method.name, data, results, cfg, metrics)
-    files = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        _check_out_dir(out, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        files["result"] = str(atomic_write_h5ad(result_adata, out / "result.h5ad", overwrite=True))
-        files["metrics"] = str(atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2)))
-    return PipelineOutput(result_adata, metrics, method, None, files)
+    run = out_dir if isinstance(out_dir, RunFolder) else (
+        RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None)
+    if run is not None and run._fd is None:
+        run.open()
+    try:
+        if not 0.0 <= max_missing_fraction <= 1.0:
+            raise SpatialDataError(f"max_missing_fraction={max_missing_fraction}: must be in [0, 1].")
+        dev = resolve_device(device)
+        method, cfg = load_model(model_dir, notes=notes)
+        genes = [str(g) for g in method.extra_state().get("genes", [])]
+        var = set(np.asarray(adata.var_names).astype(str))
+        missing = [g for g in genes if g not in var]
+        if genes and len(missing) > max_missing_fraction * len(genes):
+            raise SpatialDataError(
+                f"{name}: {len(missing)} of the model's {len(genes)} genes are missing from this slide "
+                f"(e.g. {missing[:5]}); at most {max_missing_fraction:.0%} may be zero-filled. "
+                "Use a slide measured with the same gene panel."
+            )
+        # A new slide may lack the training slide's label/section columns.
+        dc = data_config_of(cfg)
+        if dc.label_key and dc.label_key not in adata.obs.columns:
+            dc.label_key = None
+        if dc.section_key not in (None, "auto") and dc.section_key not in adata.obs.columns:
+            dc.section_key = "auto"
+        data = dataset_from_config(adata, cfg, genes=genes or None, name=name)
+        t0 = time.perf_counter()
+        method.data = data
+        results = method.predict(data, dev)
+        metrics = {"method": method.name, "device": str(dev), "predict_seconds": time.perf_counter() - t0,
+                   "missing_genes": missing, "n_missing_genes": len(missing), **results.metrics}
+        result_adata = write_results(adata, method.name, data, results, cfg, metrics)
+        files = {}
+        if run is not None:
+            atomic_write_h5ad(result_adata, run.staging / "result.h5ad", overwrite=True)
+            atomic_write_text(run.staging / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+            files = run_files(run.commit("predict", method=method.name,
+                                         extra={"model": str(Path(model_dir).resolve())}))
+        return PipelineOutput(result_adata, metrics, method, None, files)
+    finally:
+        if run is not None:
+            run.close()

@@ -9,9 +9,9 @@ and a stop flag honoured at the next step.
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from . import checkpoints
 from .config import TrainConfig, config_to_dict
-from .data.io import SpatialDataError
+from .data.io import SpatialDataError, atomic_write
 
 
 class TrainingTask(Protocol):
@@ -74,21 +75,6 @@ def package_versions() -> dict:
     return out
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 @dataclass
 class TrainEvent:
     """One progress report. kind: 'start', 'step', 'epoch', 'end' (a Trainer) or 'stage' (the pipeline).
@@ -122,12 +108,25 @@ class TrainResult:
     checkpoint: str | None = None
 
 
+STATE_WEIGHTS = "training_state.safetensors"
+STATE_META = "training_state.json"
+STATE_FORMAT = "napari-spatialssl-training-state/1"
+
+
 class Trainer:
-    """Trains any TrainingTask. ``run`` yields events; ``fit`` consumes them (optionally with a bar)."""
+    """Trains any TrainingTask. ``run`` yields events; ``fit`` consumes them (optionally with a bar).
+
+    ``state_dir``: where resumable training state is written (model, optimiser, random number
+    generators, early-stopping state, history) every ``config.checkpoint_every`` epochs, whenever
+    ``config.checkpoint_minutes`` have passed since the last one, and when training ends;
+    ``resume=True`` continues from the state found there, so that a run killed mid-training ends
+    exactly as an uninterrupted run with the same seed would (same batches, same dropout draws).
+    """
 
     def __init__(self, config: TrainConfig, *, checkpoint_path: str | os.PathLike | None = None,
                  checkpoint_extra: Callable[[], dict] | None = None, stage: str = "pretraining",
-                 listener: Callable[[TrainEvent], None] | None = None):
+                 listener: Callable[[TrainEvent], None] | None = None,
+                 state_dir: str | os.PathLike | None = None, resume: bool = False):
         self.config = config
         self.stage = stage
         # Called with every event of every run, whoever consumes the run (used by the pipeline to
@@ -136,6 +135,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.checkpoint_extra = checkpoint_extra
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.resume = resume
         self._stop = threading.Event()
         self.result: TrainResult | None = None
 
@@ -177,14 +178,17 @@ class Trainer:
         optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_scaler = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        history: list[dict] = []
-        best_val, best_epoch, best_state, bad_epochs = np.inf, None, None, 0
-        stopped_early = False
-        t0 = time.perf_counter()
-        yield TrainEvent("start", 0, cfg.epochs, message=f"training on {self.device}")
-        epoch = 0
-        for epoch in range(1, cfg.epochs + 1):
-            if self._stop.is_set():
+        loop = _LoopState()
+        resumed = self._load_state(model, optimiser, scaler, rng, loop) if self.resume else None
+        t0 = time.perf_counter() - loop.elapsed
+        last_save = time.perf_counter()
+        start = f"training on {self.device}"
+        if resumed is not None:
+            start += f", resumed after epoch {loop.epoch} of {cfg.epochs}"
+        yield TrainEvent("start", loop.epoch, cfg.epochs, message=start)
+        epoch = loop.epoch
+        for epoch in range(loop.epoch + 1, cfg.epochs + 1):
+            if loop.finished or self._stop.is_set():
                 epoch -= 1
                 break
             t_epoch = time.perf_counter()
@@ -228,39 +232,142 @@ class Trainer:
             if n_done == 0:
                 epoch -= 1
                 break
+            partial = self._stop.is_set()  # stopped inside the epoch: no resumable state from it
             means = {k: v / n_done for k, v in sums.items()}
             model.eval()
             with torch.no_grad(), self._autocast():
                 val = task.validation_loss(self.device)
             record = {"epoch": epoch, **means, "val_loss": val, "elapsed": time.perf_counter() - t0,
                       "epoch_seconds": time.perf_counter() - t_epoch, "steps": n_done}
-            history.append(record)
+            loop.history.append(record)
+            loop.epoch = epoch
             yield TrainEvent("epoch", epoch, cfg.epochs, n_done, n_steps, means, val, time.perf_counter() - t0)
             if val is not None and cfg.patience > 0:
-                if val < best_val - cfg.min_delta:
-                    best_val, best_epoch, bad_epochs = val, epoch, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if val < loop.best_val - cfg.min_delta:
+                    loop.best_val, loop.best_epoch, loop.bad_epochs = val, epoch, 0
+                    loop.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.patience:
-                        stopped_early = True
+                    loop.bad_epochs += 1
+                    if loop.bad_epochs >= cfg.patience:
+                        loop.stopped_early = True
                         break
             if self._stop.is_set():
                 break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+            due = (cfg.checkpoint_every > 0 and epoch % cfg.checkpoint_every == 0) or \
+                (time.perf_counter() - last_save >= 60.0 * cfg.checkpoint_minutes)
+            if self.state_dir is not None and due and not partial and epoch < cfg.epochs:
+                loop.elapsed = time.perf_counter() - t0
+                self._save_state(model, optimiser, scaler, rng, loop)
+                last_save = time.perf_counter()
+        if loop.best_state is not None and not loop.finished:
+            model.load_state_dict(loop.best_state)
         model.eval()
+        stopped_by_user = self._stop.is_set()
         seconds = time.perf_counter() - t0
+        if self.state_dir is not None and not stopped_by_user and not loop.finished:
+            # the end of training is a resume point too: a run killed while evaluating restarts here
+            loop.finished, loop.elapsed = True, seconds
+            self._save_state(model, optimiser, scaler, rng, loop)
         ckpt = None
         if self.checkpoint_path is not None:
-            ckpt = str(self.save_checkpoint(task, history))
-        stopped_by_user = self._stop.is_set()
+            ckpt = str(self.save_checkpoint(task, loop.history))
         self._stop.clear()
+        history = loop.history
         self.result = TrainResult(history, len(history), seconds, str(self.device), stopped_by_user,
-                                  stopped_early, best_epoch, ckpt)
-        msg = "stopped by user" if stopped_by_user else ("stopped early" if stopped_early else "done")
+                                  loop.stopped_early, loop.best_epoch, ckpt)
+        msg = "stopped by user" if stopped_by_user else ("stopped early" if loop.stopped_early else "done")
         yield TrainEvent("end", len(history), cfg.epochs, losses=history[-1] if history else {},
                          elapsed=seconds, message=msg)
+
+    # -- resumable state -------------------------------------------------------------------
+    def _save_state(self, model, optimiser, scaler, rng: np.random.Generator, loop: "_LoopState") -> None:
+        """Everything the loop needs to continue exactly: tensors in safetensors, the rest in JSON
+        (written last, with the tensors' hash: the JSON file is the commit point)."""
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if loop.best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in loop.best_state.items()})
+        opt = optimiser.state_dict()
+        opt_meta = {"param_groups": opt["param_groups"], "state": {}}
+        for idx, st in opt["state"].items():
+            opt_meta["state"][str(idx)] = {}
+            for name, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{idx}.{name}"] = value
+                else:
+                    opt_meta["state"][str(idx)][name] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            for i, st in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = st
+        np_state = np.random.get_state()
+        tensors["rng.numpy_global"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+        weights = checkpoints.save_tensors(self.state_dir / STATE_WEIGHTS, tensors)
+        meta = {
+            "format": STATE_FORMAT,
+            "config": config_to_dict(self.config),
+            "epoch": loop.epoch, "finished": loop.finished, "elapsed": loop.elapsed,
+            "history": loop.history, "best_val": None if not np.isfinite(loop.best_val) else loop.best_val,
+            "best_epoch": loop.best_epoch, "bad_epochs": loop.bad_epochs, "stopped_early": loop.stopped_early,
+            "has_best_state": loop.best_state is not None,
+            "optimiser": opt_meta,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"generator": rng.bit_generator.state, "python": _python_rng_state(),
+                    "numpy_global": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+            "weights_sha256": checkpoints.sha256_file(weights),
+        }
+        atomic_write(self.state_dir / STATE_META, lambda p: p.write_text(json.dumps(checkpoints.to_jsonable(meta))),
+                     overwrite=True)
+
+    def _load_state(self, model, optimiser, scaler, rng: np.random.Generator, loop: "_LoopState") -> dict | None:
+        """Restore the state written by `_save_state`; None when there is none yet (start afresh)."""
+        if self.state_dir is None or not (self.state_dir / STATE_META).is_file():
+            return None
+        path = self.state_dir / STATE_META
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise checkpoints.ModelFileError(f"{path}: damaged training state ({exc}); start the run again "
+                                             "without --resume.") from exc
+        if meta.get("format") != STATE_FORMAT:
+            raise checkpoints.ModelFileError(f"{path}: not a napari-spatialssl training state.")
+        if meta.get("config") != checkpoints.to_jsonable(config_to_dict(self.config)):
+            raise SpatialDataError(f"{path}: the interrupted run was started with other settings; resume it "
+                                   "with the settings it was started with (the CLI reads them itself).")
+        weights = self.state_dir / STATE_WEIGHTS
+        if not weights.is_file() or checkpoints.sha256_file(weights) != meta.get("weights_sha256"):
+            raise checkpoints.ModelFileError(f"{weights}: missing or does not match {STATE_META}; start the "
+                                             "run again without --resume.")
+        tensors = checkpoints.load_tensors(weights, "training state")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if meta.get("has_best_state"):
+            loop.best_state = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
+        opt_meta = meta["optimiser"]
+        state = {}
+        for idx, extra in opt_meta["state"].items():
+            entry = dict(extra)
+            prefix = f"optim.{idx}."
+            entry.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state[int(idx)] = entry
+        optimiser.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        r = meta["rng"]
+        rng.bit_generator.state = r["generator"]
+        random.setstate(_tuple_state(r["python"]))
+        name, pos, has_gauss, cached = r["numpy_global"]
+        np.random.set_state((name, tensors["rng.numpy_global"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        loop.epoch, loop.finished, loop.elapsed = int(meta["epoch"]), bool(meta["finished"]), float(meta["elapsed"])
+        loop.history = list(meta["history"])
+        loop.best_val = np.inf if meta.get("best_val") is None else float(meta["best_val"])
+        loop.best_epoch, loop.bad_epochs = meta.get("best_epoch"), int(meta.get("bad_epochs", 0))
+        loop.stopped_early = bool(meta.get("stopped_early"))
+        return meta
 
     def fit(self, task: TrainingTask, callback: Callable[[TrainEvent], None] | None = None,
             progress: bool = False, desc: str = "training") -> TrainResult:
@@ -283,32 +390,54 @@ class Trainer:
 
     def save_checkpoint(self, task: TrainingTask, history: list[dict] | None = None,
                         path: str | os.PathLike | None = None) -> Path:
-        """Weights + the full config + package versions (+ the task's extra state), atomically."""
+        """The trained model (model.safetensors + model.json: config, versions, history, the task's
+        extra state) in folder `path` (default ``checkpoint_path``), each file atomically."""
         target = Path(path) if path else self.checkpoint_path
         if target is None:
             raise ValueError("no checkpoint path given")
-        method_cfg = getattr(task, "config", self.config)
-        payload = {
-            "format": "napari-spatialssl/1",
-            "method": getattr(task, "name", type(task).__name__),
-            "config": config_to_dict(method_cfg),
-            "state_dict": {k: v.detach().cpu() for k, v in task.model.state_dict().items()},
-            "versions": package_versions(),
-            "history": history or [],
-            "extra": self.checkpoint_extra() if self.checkpoint_extra else
-            (task.extra_state() if hasattr(task, "extra_state") else {}),
-        }
-        return atomic_torch_save(payload, target)
+        extra = self.checkpoint_extra() if self.checkpoint_extra else \
+            (task.extra_state() if hasattr(task, "extra_state") else {})
+        save_model(target, task, getattr(task, "config", self.config), history, extra=extra)
+        return target
+
+
+@dataclass
+class _LoopState:
+    """What the training loop carries from epoch to epoch (and what a resume restores)."""
+
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    best_val: float = np.inf
+    best_epoch: int | None = None
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    finished: bool = False
+    elapsed: float = 0.0
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _tuple_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def save_model(folder: str | os.PathLike, task, config, history: list[dict] | None = None, *,
+               extra: dict | None = None) -> Path:
+    """Write a trained method (or any task with a ``model``) as safe model files into `folder`:
+    no Trainer needed (the widget's Save model, the pipeline's run folder)."""
+    extra = extra if extra is not None else (task.extra_state() if hasattr(task, "extra_state") else {})
+    checkpoints.write_model(folder, method=getattr(task, "name", type(task).__name__),
+                            config=config_to_dict(config), state_dict=task.model.state_dict(),
+                            extra=extra, history=history, versions=package_versions())
+    return Path(folder)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by Trainer.save_checkpoint (CPU tensors)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint here; pass the folder written by 'fit' or its model.pt.")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != "napari-spatialssl/1":
-        raise ValueError(f"{path}: not a napari-spatialssl checkpoint.")
-    return payload
+    """Read model files written by :func:`save_model` (or a legacy model.pt, safely): a dict with
+    format, method, config, state_dict (CPU tensors), versions, history, extra, legacy."""
+    return checkpoints.read_model(path)

@@ -26,7 +26,8 @@ def fitted(starmap_path, tmp_path_factory):
 
 
 def test_fit_writes_every_output(fitted, starmap_path):
-    for name in ("result.h5ad", "metrics.json", "config.json", "model.pt", "loss.csv"):
+    for name in ("result.h5ad", "metrics.json", "config.json", "model.safetensors", "model.json", "loss.csv",
+                 "manifest.json"):
         assert (fitted / name).exists(), name
     m = json.loads((fitted / "metrics.json").read_text())
     assert m["method"] == "gnn-mask" and m["seed"] == 3 and m["device"] == "cpu" and m["epochs"] == 3

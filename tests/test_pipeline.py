@@ -141,11 +141,11 @@ def test_same_seed_same_result_other_seed_differs(starmap):
 
 def test_saved_run_rebuilds_the_model(starmap, tmp_path):
     out = fit(starmap, "gnn-mask", tmp_path, overrides={**FAST, "data.label_key": "cell_type"})
-    assert set(out.files) == {"result", "metrics", "config", "model", "loss"}
+    assert set(out.files) == {"result", "metrics", "config", "model", "model_meta", "loss", "manifest"}
     method, cfg = load_model(tmp_path)
     assert cfg.radius == 300 and method.label_names == out.method.label_names
     assert method.model.cell_type is not None  # classifier restored from config + extra state
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SpatialDataError, match="already holds a complete run"):
         fit(starmap, "gnn-mask", tmp_path, overrides=FAST)
     again = predict(starmap, tmp_path, device="cpu")
     np.testing.assert_allclose(again.adata.obsm["X_gnn-mask"], out.adata.obsm["X_gnn-mask"], atol=1e-5)

@@ -135,14 +135,14 @@ def test_stop_before_run_trains_nothing_then_trainer_is_reusable():
     assert second.epochs_run == 3 and not second.stopped_by_user
 
 
-def test_checkpoint_is_atomic_with_config_and_versions(tmp_path):
-    path = tmp_path / "ckpt" / "model.pt"
+def test_checkpoint_is_safe_files_with_config_and_versions(tmp_path):
+    folder = tmp_path / "ckpt"
     task = RegressionTask()
     cfg = TrainConfig(epochs=2, lr=0.01, seed=5, device="cpu")
-    result = Trainer(cfg, checkpoint_path=path).fit(task)
-    assert result.checkpoint == str(path)
-    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
-    payload = load_checkpoint(path.parent)
+    result = Trainer(cfg, checkpoint_path=folder).fit(task)
+    assert result.checkpoint == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.safetensors"]  # no temp file left
+    payload = load_checkpoint(folder)
     assert payload["config"]["seed"] == 5 and payload["config"]["epochs"] == 2
     assert payload["versions"]["torch"] and "numpy" in payload["versions"]
     assert payload["extra"] == {"note": "toy"}
@@ -160,8 +160,77 @@ def test_non_finite_loss_is_a_clear_error():
 
 
 def test_load_checkpoint_rejects_other_files(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    from napari_spatialssl.checkpoints import ModelFileError
+
+    with pytest.raises(ModelFileError, match="no model here"):
         load_checkpoint(tmp_path)
     torch.save({"x": 1}, tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="not a napari-spatialssl checkpoint"):
+    with pytest.raises(ModelFileError, match="not a napari-spatialssl checkpoint"):
         load_checkpoint(tmp_path / "model.pt")
+
+
+class _Crash(Exception):
+    pass
+
+
+class DropoutTask(RegressionTask):
+    """Regression through a dropout layer, so the torch RNG stream matters too."""
+
+    def __init__(self):
+        super().__init__(n_batches=3)
+        self.model = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("crash_after", [1, 3, 5])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, crash_after):
+    """State saved every epoch; a run killed after `crash_after` epochs and resumed ends with exactly
+    the weights and loss history of a run that was never interrupted (same batches, same dropout)."""
+    cfg = TrainConfig(epochs=6, lr=0.02, seed=3, device="cpu", checkpoint_every=1, patience=0)
+    torch.manual_seed(0)
+    straight = DropoutTask()
+    straight_run = Trainer(cfg, state_dir=tmp_path / "a").fit(straight)
+
+    torch.manual_seed(0)  # the same initial weights (the pipeline seeds before building a model)
+    first = DropoutTask()
+    trainer = Trainer(cfg, state_dir=tmp_path / "b")
+
+    def crash(event):
+        if event.kind == "epoch" and event.epoch == crash_after:
+            raise _Crash
+    with pytest.raises(_Crash):
+        trainer.fit(first, callback=crash)
+    torch.manual_seed(0)
+    resumed_task = DropoutTask()  # a fresh process: the seeded initial model, RNGs elsewhere
+    torch.manual_seed(999)
+    np.random.seed(999)
+    resumed = Trainer(cfg, state_dir=tmp_path / "b", resume=True).fit(resumed_task)
+    assert resumed.epochs_run == 6
+    for a, b in zip(straight.model.parameters(), resumed_task.model.parameters()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight_run.history]
+
+
+def test_resume_restores_early_stopping_state(tmp_path):
+    curve = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+    cfg = TrainConfig(epochs=6, lr=0.01, seed=0, device="cpu", checkpoint_every=1, patience=3)
+    full = Trainer(cfg).fit(RegressionTask(val_curve=curve))
+    task = RegressionTask(val_curve=curve)
+
+    def crash(event):
+        if event.kind == "epoch" and event.epoch == 3:
+            raise _Crash
+    with pytest.raises(_Crash):
+        Trainer(cfg, state_dir=tmp_path).fit(task, callback=crash)
+    again = RegressionTask(val_curve=curve)
+    again.epochs_started = 3  # the val curve is indexed by epochs started, as in the crashed process
+    resumed = Trainer(cfg, state_dir=tmp_path, resume=True).fit(again)
+    assert resumed.stopped_early == full.stopped_early and resumed.best_epoch == full.best_epoch == 2
+    assert resumed.epochs_run == full.epochs_run
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.01, device="cpu", checkpoint_every=1)
+    Trainer(cfg, state_dir=tmp_path).fit(RegressionTask())
+    other = TrainConfig(epochs=3, lr=0.02, device="cpu", checkpoint_every=1)
+    with pytest.raises(SpatialDataError, match="other settings"):
+        Trainer(other, state_dir=tmp_path, resume=True).fit(RegressionTask())

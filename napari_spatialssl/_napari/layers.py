@@ -113,29 +113,12 @@ def median_nn_distance(points: np.ndarray, max_queries: int = 20_000, max_tree: 
     edges differ), unlike a random thinning, which would stretch the distances. Keeps this well under a
     second for millions of cells.
     """
-    from scipy.spatial import cKDTree
+    from ..graphs.spacing import section_neighbour_distances
 
-    n = len(points)
-    if n < 2:
+    points = np.asarray(points, dtype=np.float64)
+    if len(points) < 2:
         return 1.0
-    rng = np.random.default_rng(seed)
-    if n > max_tree:
-        lo = points.min(axis=0)
-        span = np.maximum(np.ptp(points, axis=0), 1e-12)
-        side = float(np.sqrt(span[0] * span[1] / (n / 5_000)))
-        ij = np.floor((points - lo) / side).astype(np.int64)
-        _, block, counts = np.unique(ij[:, 0] * (ij[:, 1].max() + 1) + ij[:, 1], return_inverse=True,
-                                     return_counts=True)
-        order = rng.permutation(len(counts))
-        n_blocks = int(np.searchsorted(np.cumsum(counts[order]), max_tree)) + 1
-        keep = np.zeros(len(counts), dtype=bool)
-        keep[order[:n_blocks]] = True
-        points = points[keep[block.ravel()]]
-        n = len(points)
-    query = points if n <= max_queries else points[rng.choice(n, max_queries, replace=False)]
-    dist, _ = cKDTree(points).query(query, k=2)
-    d = dist[:, 1]
-    d = d[d > 0]
+    d = section_neighbour_distances(points, 1, max_queries=max_queries, max_tree=max_tree, seed=seed)
     if d.size == 0:
         span = float(np.ptp(points, axis=0).max())
         return span / 100 if span > 0 else 1.0

@@ -1218,23 +1218,19 @@ class SpatialSSLWidget(QWidget):
     @explained
     def save_model(self, folder: str | os.PathLike, method: str | None = None):
         """Write the trained model (weights + config) and its results to `folder` (the CLI's layout)."""
-        from ..pipeline import save_run
-        from ..training import Trainer
+        from ..pipeline import save_trained
 
         method = method or getattr(self, "_train_method", None) or self.method
         output = self.results.get(method)
         if output is None or output.train_result is None:
             raise SpatialDataError(f"no trained {method} model to save yet: train it first (Train section).")
-        cfg = output.method.config
-        writer = Trainer(_cpu_copy(cfg))  # only used for its checkpoint format
-        files = save_run(Path(folder), output.adata, output.metrics, cfg, writer, output.method,
-                         output.train_result.history)
+        files = save_trained(folder, output)
         self.say(f"Saved {method} model and results to {folder} ({', '.join(sorted(files))}).")
         return files
 
     @explained
     def _load_model_dialog(self, *_):
-        path = QFileDialog.getExistingDirectory(self, "Folder of a saved model (model.pt)")
+        path = QFileDialog.getExistingDirectory(self, "Folder of a saved model (model.safetensors + model.json)")
         if path:
             self.load_model(path)
 
@@ -1920,11 +1916,3 @@ def _predict_events(adata, folder, device, name, n_domains=None, seed=0):
 def cfg_domains(cfg) -> int | None:
     ev = getattr(cfg, "eval", None)
     return getattr(ev, "n_domains", None) if ev is not None else None
-
-
-def _cpu_copy(cfg):
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c.device = "cpu"
-    return c

@@ -225,7 +225,7 @@ class SpatialDataset:
         do_norm = counts if pp.normalize_total is None else pp.normalize_total
         do_log = do_norm if pp.log1p is None else pp.log1p
 
-        _check_expression(X, do_norm, name)
+        _check_expression(X, do_norm, name, log1p=bool(do_log))
         gene_index = np.arange(X.shape[1])
         hvg_used = None
         if genes is not None:
@@ -277,8 +277,9 @@ class SpatialDataset:
         )
 
 
-def _check_expression(X, normalize: bool, name: str) -> None:
-    """Expression must be finite; normalising to a total needs non-negative values."""
+def _check_expression(X, normalize: bool, name: str, log1p: bool = False) -> None:
+    """Expression must be finite; normalising to a total needs non-negative values; log1p needs
+    values above -1."""
     data = X.data if sp.issparse(X) else X
     if not np.issubdtype(np.asarray(data).dtype, np.number):
         raise SpatialDataError(f"{name}: expression has dtype {np.asarray(data).dtype}; store numbers.")
@@ -291,6 +292,12 @@ def _check_expression(X, normalize: bool, name: str) -> None:
         raise SpatialDataError(
             f"{name}: expression has negative values, so it cannot be normalised to a total count; "
             "pass preprocess normalize_total=False (it already looks transformed)."
+        )
+    if log1p and data.size and np.min(data) <= -1:
+        raise SpatialDataError(
+            f"{name}: expression has values down to {float(np.min(data)):.3g}, and log1p is undefined at or "
+            "below -1 (it looks already transformed, e.g. scaled); turn log1p off "
+            "(--set data.preprocess.log1p=false) or pass the raw counts."
         )
 
 

@@ -185,15 +185,22 @@ def label_codes(adata, label_key: str, ignore: Sequence[str] = ()) -> tuple[np.n
 def atomic_write(path: str | os.PathLike, write: "Callable[[Path], None]", *, overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` then rename onto `path`: readers never see a half-written file.
 
-    Refuses to replace an existing file unless ``overwrite`` is True.
+    Refuses to replace an existing file unless ``overwrite`` is True. The temporary file is
+    ``.<name>.tmp-<pid>-<random><suffix>`` beside `path`; temporary files of the same name left by
+    processes that no longer run (killed mid-write) are removed first. A full disk or a
+    permission problem is a :class:`SpatialDataError` naming the file.
     """
     import tempfile
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temp_files(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix)
+    except OSError as exc:
+        raise SpatialDataError(f"{path}: cannot write here ({describe_os_error(exc)}).") from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -202,10 +209,56 @@ def atomic_write(path: str | os.PathLike, write: "Callable[[Path], None]", *, ov
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise SpatialDataError(f"{path}: could not be written ({describe_os_error(exc)}).") from exc
+    except RuntimeError as exc:  # torch / h5py wrap a failed write (e.g. a full disk) in RuntimeError
+        if "enforce fail" in str(exc) or "write" in str(exc).lower():
+            raise SpatialDataError(f"{path}: could not be written ({describe_os_error(exc)}).") from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def remove_dead_temp_files(path: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` files beside `path` whose writing process is gone."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(path.name) + 6:].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _process_alive(pid):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """'no space left on device', 'permission denied', ... for an OSError (or a wrapped one)."""
+    import errno
+
+    err = getattr(exc, "errno", None)
+    text = str(exc)
+    if err == errno.ENOSPC or "No space left" in text or "enforce fail" in text and "write" in text.lower():
+        return "no space left on device; free some space or choose another place"
+    if err in (errno.EACCES, errno.EPERM):
+        return "permission denied; choose a place you can write to"
+    if err == errno.EROFS:
+        return "read-only file system; choose another place"
+    if err == errno.EDQUOT:
+        return "disk quota exceeded; free some space or choose another place"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.spatial import cKDTree
 
 from ..data.io import SpatialDataError
 
@@ -225,25 +224,10 @@ def suggest_bin_size(coords: np.ndarray, section: np.ndarray | None = None, *, f
     """A bin side about one cell wide: ``factor`` x the median distance from a cell to its nearest
     neighbour in its own section (estimated on up to `n_probe` random cells per section),
     rounded to 2 significant figures. Same units as the coordinates."""
-    coords = np.asarray(coords, dtype=np.float64)
-    section = np.zeros(len(coords), dtype=np.int64) if section is None else np.asarray(section)
-    rng = np.random.default_rng(seed)
-    dists = []
-    for s in np.unique(section):
-        idx = np.flatnonzero(section == s)
-        if len(idx) < 2:
-            continue
-        tree = cKDTree(coords[idx])
-        probe = idx[rng.choice(len(idx), size=min(n_probe, len(idx)), replace=False)]
-        d, _ = tree.query(coords[probe], k=2)
-        dists.append(d[:, 1])
-    if not dists:
-        raise SpatialDataError("suggest_bin_size needs a section with at least 2 cells.")
-    d = np.concatenate(dists)
-    d = d[d > 0]
-    if d.size == 0:
-        raise SpatialDataError("all cells share the same coordinates; cannot suggest a bin size.")
-    value = float(np.median(d)) * factor
+    from .spacing import neighbour_distance
+
+    d = neighbour_distance(coords, section, k=1, max_queries=n_probe, seed=seed)
+    value = d * factor
     return float(f"{value:.2g}")
 
 

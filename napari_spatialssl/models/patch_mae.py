@@ -430,6 +430,37 @@ class PatchMAE(SSLMethod):
                     tm[idx] = regions((g, g), int(side), int(count), rng, batch=len(idx)).reshape(len(idx), -1)
         return tm, use
 
+    def training_memory(self):
+        """Peak memory of one training step (budget.MemoryEstimate): the batch's patch values (input,
+        standardised copy, targets, predictions and their gradients), the bin embeddings, the
+        encoder on the visible tokens and the decoder on all tokens (about ten width-sized tensors
+        per layer) with their attention matrices, and the lattices' dense cache."""
+        from ..budget import MemoryEstimate, adam_bytes
+
+        c = self.config
+        b, h, p = float(c.batch_size), float(self.h), float(c.token_bins)
+        m = float(min(c.n_channels, self.n_genes))
+        t = (h / p) ** 2
+        t_vis = max(1.0, t * (1.0 - c.mask.ratio)) + 1
+        parts = {
+            "patch values": b * h * h * m * 4.0 * 6,
+            "bin embeddings": b * h * h * c.dim * 4.0 * 3,
+            "encoder": c.depth * (b * t_vis * c.dim * 4.0 * 10 + b * c.heads * t_vis ** 2 * 4.0 * 3),
+            "decoder": max(c.decoder_depth, 1) * (b * (t + 1) * c.decoder_dim * 4.0 * 10
+                                                  + b * c.decoder_heads * (t + 1) ** 2 * 4.0 * 3),
+            "local context weights": b * (h * h) ** 2 * 4.0 * 2 if c.residual_readout == "local" else 0.0,
+            "dense lattice cache": min(c.dense_cache_mb * 2.0**20,
+                                       sum((lat.n_occupied + 1) * lat.n_genes * 4.0 for lat in self.lattices)),
+            "parameters and optimiser": adam_bytes(sum(q.numel() for q in self.model.parameters())),
+        }
+        total = sum(parts.values())
+
+        def fit(fraction: float) -> str:
+            return (f"use --set batch_size={max(1, int(c.batch_size * fraction * 0.8))} (now {c.batch_size}) "
+                    f"or fewer channels (--set n_channels={max(8, int(m * max(fraction, 0.05)))})")
+
+        return MemoryEstimate(total, parts, fit)
+
     def train_batches(self, epoch: int, rng: np.random.Generator):
         cfg = self.config
         sizes = np.array([len(o) for o in self.train_origins], dtype=np.float64)
@@ -566,7 +597,8 @@ class PatchMAE(SSLMethod):
                 x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
                 B = len(o)
                 out_genes = all_genes.expand(B, -1)
-                if mae.residual != "none":  # the context of every output gene, not only the input channels
+                x_all = None  # the context of every output gene, not only the input channels
+                if mae.residual != "none":
                     full = self._extract(lat, o, np.arange(self.n_genes))
                     x_all = model.standardise(torch.as_tensor(full.values, device=device), occ, out_genes)
                 tok_occ = mae.token_occupancy(occ)
@@ -575,7 +607,8 @@ class PatchMAE(SSLMethod):
                     visible = tok_occ & (group == g)
                     masked = tok_occ & ~visible
                     states, order, pad = mae.encode(x, occ, genes, visible)
-                    pred = mae.decode(states, order, pad, tok_occ, out_genes, context=(x_all, occ, visible))
+                    context = (x_all, occ, visible) if x_all is not None else None
+                    pred = mae.decode(states, order, pad, tok_occ, out_genes, context=context)
                     pred = model.unstandardise(pred.float(), out_genes)
                     bin_masked = mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
                     flat, keep = self._bin_index(o, lat, bin_masked)

@@ -34,9 +34,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.spatial import cKDTree
 
-from ..config import DataConfig, EvalConfig, TrainConfig
+from ..config import DataConfig, EvalConfig, TrainConfig, validate_config
 from ..data.dataset import PreprocessConfig, SpatialDataset
 from ..data.io import SpatialDataError
 from ..graphs.neighbors import CellGraph, snn_graph
@@ -152,6 +151,17 @@ class SpotscapeConfig(TrainConfig):
     embedding_postprocess: str = "l2"
     smooth_domains: bool = True  # also report labels smoothed over the SNN graph (separately)
     eval_masked_genes: float = 0.2  # fraction of genes hidden for the masked-reconstruction figure
+
+    def validate(self) -> None:
+        """Cross-field rules and choices (types and ranges: config.validate_config)."""
+        self.eval.validate()
+        if not self.hidden_dims:
+            raise SpatialDataError("spotscape: hidden_dims needs at least one layer size, e.g. [256, 64].")
+        if self.embedding_postprocess not in EMBEDDING_POSTPROCESS:
+            raise SpatialDataError(f"spotscape: embedding_postprocess {self.embedding_postprocess!r}; "
+                                   f"choose one of {EMBEDDING_POSTPROCESS}.")
+        if self.domain_method not in DOMAIN_METHODS:
+            raise SpatialDataError(f"spotscape: domain_method {self.domain_method!r}; choose one of {DOMAIN_METHODS}.")
 
 
 class _SpMM(torch.autograd.Function):
@@ -339,20 +349,9 @@ def default_radius(coords: np.ndarray, section: np.ndarray, factor: float,
     1.73 d), so 1.1 x keeps exactly the first ring (6 neighbours) whatever the unit; on
     cell-resolution data it gives a median degree of about `target_degree`.
     """
-    meds = []
-    for s in np.unique(section):
-        pts = coords[section == s]
-        kk = min(target_degree + 1, len(pts))
-        if kk < 2:
-            continue
-        d, _ = cKDTree(pts).query(pts, k=kk)
-        ref = d[:, -1][d[:, -1] > 0]
-        if ref.size:
-            meds.append(float(np.median(ref)))
-    if not meds:
-        raise SpatialDataError("spotscape: cannot derive a graph radius (every slice has < 2 distinct spots); "
-                               "set radius explicitly (--set radius=...).")
-    ref = float(np.median(meds))
+    from ..graphs.spacing import neighbour_distance
+
+    ref = neighbour_distance(coords, section, k=target_degree)
     return factor * ref, ref
 
 
@@ -372,29 +371,6 @@ class Spotscape(SSLMethod):
         self._dev_cache: dict = {}
 
     # -- setup ------------------------------------------------------------------------------
-    def _check_config(self) -> None:
-        c = self.config
-        try:  # CLI --set gives lists of strings
-            c.hidden_dims = [int(v) for v in c.hidden_dims]
-            c.proto_granularity = [float(v) for v in c.proto_granularity]
-        except (TypeError, ValueError) as exc:
-            raise SpatialDataError(f"spotscape: hidden_dims / proto_granularity must be numbers ({exc}); "
-                                   "e.g. --set hidden_dims=256,64.") from exc
-        if not (0.0 <= c.edge_drop < 1.0 and 0.0 <= c.feature_mask < 1.0):
-            raise SpatialDataError(f"spotscape: edge_drop ({c.edge_drop}) and feature_mask ({c.feature_mask}) "
-                                   "must be in [0, 1).")
-        if len(c.hidden_dims) < 1:
-            raise SpatialDataError("spotscape: hidden_dims needs at least one layer size, e.g. [256, 64].")
-        if c.embedding_postprocess is None:  # --set embedding_postprocess=none parses to None
-            c.embedding_postprocess = "none"
-        if c.embedding_postprocess not in EMBEDDING_POSTPROCESS:
-            raise SpatialDataError(f"spotscape: embedding_postprocess {c.embedding_postprocess!r}; "
-                                   f"choose one of {EMBEDDING_POSTPROCESS}.")
-        if c.domain_method not in DOMAIN_METHODS:
-            raise SpatialDataError(f"spotscape: domain_method {c.domain_method!r}; choose one of {DOMAIN_METHODS}.")
-        if c.eval.n_domains is not None and c.eval.n_domains < 2:
-            raise SpatialDataError(f"spotscape: n_domains must be >= 2, got {c.eval.n_domains}.")
-
     def build_graph(self, data: SpatialDataset) -> CellGraph:
         """The SNN graph of `data` (per slice), radius from the config or derived from spacing."""
         c = self.config
@@ -409,7 +385,7 @@ class Spotscape(SSLMethod):
         return g
 
     def prepare(self, data: SpatialDataset) -> None:
-        self._check_config()
+        validate_config(self.config)
         if data.n_cells < 4:
             raise SpatialDataError(f"spotscape: needs at least 4 spots, got {data.n_cells}.")
         self.data = data
@@ -418,6 +394,44 @@ class Spotscape(SSLMethod):
         self.model = self.build_model()
         self._dev_cache = {}
         self._prototypes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def training_memory(self):
+        """Peak memory of one full-batch training step (budget.MemoryEstimate): the expression on the
+        device, and per augmented view the adjacency with edge dropout, about four N x width tensors
+        per GCN layer (product, propagation, batch norm, activation; the backward keeps them), the
+        telescope's normalised embeddings, the decoder on the scored rows, and the multi-slice terms."""
+        from ..budget import MemoryEstimate, adam_bytes
+
+        c, data = self.config, self.data
+        n, g, e = float(data.n_cells), float(data.n_genes), float(self.graph.n_edges)
+        dims = [float(d) for d in c.hidden_dims]
+        X = data.X
+        x_bytes = float(X.nnz) * 12.0 * 2 if sp.issparse(X) else n * g * 4.0
+        rows = float(min(c.recon_spots or n, n))
+        per_view = {
+            "adjacency": e * 20.0 * 2,
+            "node activations": sum(n * d * 4.0 * 4 for d in dims) + n * dims[-1] * 4.0 * 4,
+            "decoder": rows * (sum(dims) + g) * 4.0 * 3,
+        }
+        parts = {"expression on the device": x_bytes * 2}  # the input and the reconstruction target
+        parts.update({k: 2 * v for k, v in per_view.items()})
+        if self.n_slices >= 2 and c.lambda_proto > 0:
+            k = float(c.proto_k or c.eval.n_domains or 10) * max(c.proto_granularity)
+            parts["prototypes"] = n * k * 4.0 * 3 * len(c.proto_granularity)
+        if self.n_slices >= 2 and c.lambda_scale > 0:
+            anchors = float(min(c.scale_anchor_spots or n, n, c.scale_block_size))
+            parts["similarity-scale blocks"] = anchors * n * 4.0 * 3
+        parts["parameters and optimiser"] = adam_bytes(sum(p.numel() for p in self.model.parameters()))
+        total = sum(parts.values())
+
+        def fit(fraction: float) -> str:
+            f = max(fraction, 0.05) * 0.8
+            dims_fit = ",".join(str(max(4, int(d * f))) for d in c.hidden_dims)
+            genes_fit = max(50, int(g * f))
+            return (f"use --set hidden_dims=[{dims_fit}] or fewer genes (--set data.preprocess.n_top_genes="
+                    f"{genes_fit}), or train on a GPU with more memory (spotscape trains on the whole graph at once)")
+
+        return MemoryEstimate(total, parts, fit)
 
     def build_model(self) -> nn.Module:
         n_genes = len(self.genes) if self.genes else (self.data.n_genes if self.data is not None else 0)
