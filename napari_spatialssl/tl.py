@@ -116,6 +116,12 @@ def _run(method: str, adata, *, key_added: str | None, copy: bool, n_domains: in
     if epochs is not None:
         cfg_fields["epochs"] = epochs
     cfg = make_config(method, overrides, **cfg_fields)
+    nones = {k: None for k, v in cfg_fields.items() if v is None}  # make_config skips None (section_key=None)
+    if nones:
+        from .config import apply_overrides
+
+        apply_overrides(cfg, nones)
+        apply_overrides(cfg, overrides)  # explicit overrides still win
     out = fit(adata, method, out_dir, overwrite=overwrite, progress=progress, config=cfg)
     result = out.adata
     keep_graph = has_squidpy_graph(adata, graph_key)  # the user's own graph stays
