@@ -411,9 +411,11 @@ def worker_cellcharter(a, seed: int) -> dict:
 
 
 def worker_novae(a, seed: int) -> dict:
-    """Novae trained from scratch (no hub weights are reachable): novae.spatial_neighbors (Delaunay,
-    its default radius, per slice), novae.Novae(adata) with its defaults (n_hops_local/view = 1 on
-    Visium, as its advice page says), model.fit with its defaults, compute_representations,
+    """Novae trained from scratch (no hub weights are reachable): novae.spatial_neighbors per slice
+    (technology="visium": its 6-neighbour grid; single-cell slides: Delaunay pruned at 80 um, the
+    radius of its H&E tutorial), novae.Novae(adata) with its defaults (n_hops_local/view = 1 on
+    Visium, as its advice page says; its own normalise + log1p of counts), model.fit with its
+    defaults (max_epochs 20, lr 5e-4, early stopping), compute_representations,
     assign_domains(level=K)."""
     import numpy as np
 
@@ -426,7 +428,10 @@ def worker_novae(a, seed: int) -> dict:
     visium = bool(a.uns["visium"])
     novae.settings.scale_to_microns = float(a.uns["microns_per_unit"])
     a.obsm["spatial"] = np.asarray(a.obsm["spatial"])
-    novae.spatial_neighbors(a, slide_key="section")
+    if visium:
+        novae.spatial_neighbors(a, slide_key="section", technology="visium")
+    else:
+        novae.spatial_neighbors(a, slide_key="section", radius=80.0 / float(a.uns["microns_per_unit"]))
     kwargs = {"n_hops_local": 1, "n_hops_view": 1} if visium else {}
     model = novae.Novae(a, **kwargs)
     t0 = time.perf_counter()
