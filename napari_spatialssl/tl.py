@@ -100,7 +100,9 @@ def _put_results(result, target, method: str, key: str) -> None:
 
 def _run(method: str, adata, *, key_added: str | None, copy: bool, n_domains: int | None, epochs: int | None,
          overrides, out_dir, overwrite: bool, progress: bool, fields: dict):
-    from .graphs.squidpy_graph import SQUIDPY_KEY, has_squidpy_graph, write_run_graph
+    import copy as copy_module
+
+    from .graphs.squidpy_graph import SQUIDPY_KEY, has_squidpy_graph, squidpy_keys, write_run_graph
     from .pipeline import fit, make_config
 
     if not copy and adata.is_view:
@@ -133,6 +135,13 @@ def _run(method: str, adata, *, key_added: str | None, copy: bool, n_domains: in
         _put_results(result, target, method, key)
     if not keep_graph:
         write_run_graph(target, out.method, out.method.data, key_added=graph_key)
+    elif copy:  # the result may hold the run's graph there; the user's stays
+        conn_key, dist_key, uns_key = squidpy_keys(graph_key)
+        for key in (conn_key, dist_key):
+            if key in adata.obsp:
+                target.obsp[key] = adata.obsp[key].copy()
+        if uns_key in adata.uns:
+            target.uns[uns_key] = copy_module.deepcopy(adata.uns[uns_key])
     return target if copy else None
 
 

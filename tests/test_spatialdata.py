@@ -500,6 +500,30 @@ def test_reader_one_layer_per_table_and_region(tmp_path, cells):
     assert [kw["name"] for _, kw, _ in single] == ["one"]
 
 
+def test_points_layer_from_a_napari_spatialdata_layer(tmp_path, cells):
+    sd = _sd()
+    from spatialdata import join_spatialelement_table
+
+    from napari_spatialssl._napari.layers import xy_to_rowcol
+    from napari_spatialssl._napari.reader import points_from_spatialdata_layer
+
+    store = make_store(tmp_path / "run.zarr", cells)
+    sdata = sd.read_zarr(store)
+    _, table = join_spatialelement_table(sdata=sdata, spatial_element_names="cells", table_name="table",
+                                         how="left", match_rows="left")
+    meta = {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
+            "table_names": ["table"], "_current_cs": "global"}
+    data, kwargs, kind = points_from_spatialdata_layer(meta, "cells (spatialssl)")
+    adata = kwargs["metadata"]["adata"]
+    assert kind == "points" and len(data) == N_CELLS and kwargs["name"] == "cells (spatialssl)"
+    np.testing.assert_allclose(data, xy_to_rowcol(adata.obsm["spatial"]), rtol=1e-6)
+    order = pd.Index(cells.obs_names).get_indexer(adata.obs_names)
+    np.testing.assert_allclose(adata.obsm["spatial"], _apply(cells.obsm["spatial"][order]), atol=1e-6)
+    m = kwargs["metadata"]
+    assert m["sdata"] is sdata and m["name"] == "cells" and m["_current_cs"] == "global"
+    assert m["indices"] == adata.obs["cell_id"].tolist() and m["table_names"] == ["table"]
+
+
 @pytest.mark.viewer
 @pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
                     reason="no display: run under Xvfb (make test / xvfb-run -a pytest)")

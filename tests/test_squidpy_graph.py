@@ -19,6 +19,7 @@ from napari_spatialssl.graphs.neighbors import knn_graph, radius_graph
 from napari_spatialssl.graphs.squidpy_graph import (
     graph_of_run,
     has_squidpy_graph,
+    is_spatialssl_graph,
     read_squidpy_graph,
     squidpy_keys,
     write_run_graph,
@@ -60,7 +61,9 @@ def test_write_radius_and_knn_graphs(slide):
     a = slide.copy()
     entry = write_squidpy_graph(a, g)
     assert entry == {"connectivities_key": "spatial_connectivities", "distances_key": "spatial_distances",
-                     "params": {"coord_type": "generic", "transform": None, "radius": 300.0}}
+                     "params": {"coord_type": "generic", "transform": None, "radius": 300.0},
+                     "spatialssl": {"kind": "radius", "radius": 300.0, "self_loops": False}}
+    assert is_spatialssl_graph(a) and not is_spatialssl_graph(slide)
     assert a.uns["spatial_neighbors"] is entry
     C, D = a.obsp["spatial_connectivities"], a.obsp["spatial_distances"]
     assert sp.isspmatrix_csr(C) and C.dtype == np.float32 and C.shape == (a.n_obs, a.n_obs)
@@ -146,13 +149,14 @@ def test_squidpy_reads_our_graph_and_we_read_squidpys(slide):
     sq.gr.spatial_neighbors(a, coord_type="generic", n_neighs=6, library_key="sample_id")
     ours = knn_graph(a.obsm["spatial"], 6, _sections(a))
     theirs = read_squidpy_graph(a, section=_sections(a))
+    assert not is_spatialssl_graph(a)  # a user's graph, not one of ours
     assert theirs.params["n_neighbors"] == 6 and theirs.params["cross_section_edges_dropped"] == 0
     # squidpy's k-NN graph, symmetrised, is our k-NN graph (ties aside: none in these coordinates)
     _same_graph(ours, theirs)
     # the keys we write are the ones squidpy writes
     b = slide.copy()
     write_squidpy_graph(b, ours)
-    assert set(b.uns["spatial_neighbors"]) == set(a.uns["spatial_neighbors"])
+    assert set(b.uns["spatial_neighbors"]) - {"spatialssl"} == set(a.uns["spatial_neighbors"])
     assert set(b.uns["spatial_neighbors"]["params"]) >= {"coord_type", "transform", "n_neighbors"}
     b.obs["domain"] = pd.Categorical(b.obs["layer"].astype(str))
     sq.gr.nhood_enrichment(b, cluster_key="domain", n_perms=20, seed=0, show_progress_bar=False)

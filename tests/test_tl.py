@@ -78,6 +78,8 @@ def test_an_existing_squidpy_graph_is_kept(cells):
                                   "params": {"coord_type": "generic", "n_neighbors": 2, "transform": None}}
     ssl.tl.gnn_mask(a, epochs=2, radius=400, hidden_dims=[16, 8], section_key=None)
     assert (a.obsp["spatial_connectivities"] != mine).nnz == 0 and a.uns["spatial_neighbors"]["params"]["n_neighbors"] == 2
+    res = ssl.tl.spotscape(a, copy=True, **FAST_SPOTSCAPE)  # a copy keeps it too
+    assert (res.obsp["spatial_connectivities"] != mine).nnz == 0 and "spatialssl" not in res.uns["spatial_neighbors"]
     assert "X_gnn-mask" in a.obsm and "gnn-mask_masked" in a.obs
     cfg = json.loads(a.uns["spatialssl"]["gnn-mask"]["config"])
     assert cfg["radius"] == 400 and cfg["data"]["section_key"] is None  # short names reach the config sections

@@ -81,6 +81,30 @@ def read_store(path: str | os.PathLike, *, coordinate_system=None, section_key: 
     return out
 
 
+def points_from_spatialdata_layer(metadata: dict, name: str, *, coordinate_system: str | None = None,
+                                  section_key: str | None = "auto", color_by: str | None = "auto",
+                                  max_points: int = DEFAULT_MAX_POINTS) -> LayerData:
+    """Our Points layer data for a layer napari-spatialdata opened (its ``layer.metadata``: ``sdata``,
+    ``adata``, ``name``, ``region_key``, ``instance_key``, ``_current_cs``): the element's cells at their
+    centroids in the layer's coordinate system (or `coordinate_system`), with the same napari-spatialdata
+    keys, so that the widget trains on it and results can go back into its store."""
+    from ..data.stores import slide_from_layer_metadata
+
+    adata = slide_from_layer_metadata(metadata, coordinate_system=coordinate_system, name=f"layer {name!r}")
+    layer_data = adata_to_points(adata, name=name, section_key=section_key, color_by=color_by,
+                                 max_points=max_points)
+    src = adata.uns.get("spatialssl_store", {})
+    region = str(metadata["name"]) if metadata.get("name") else None
+    if metadata.get("sdata") is not None and region:
+        cs = src.get("coordinate_system")
+        _add_spatialdata_metadata(layer_data, {
+            "adata": adata, "sdata": metadata["sdata"], "region": region, "region_key": src["region_key"],
+            "instance_key": src["instance_key"], "coordinate_system": cs if isinstance(cs, str) else cs[region],
+            "table_names": metadata.get("table_names") or ([src["table"]] if src.get("table") else []),
+        })
+    return layer_data
+
+
 def _add_spatialdata_metadata(layer_data: LayerData, entry: dict) -> None:
     """The keys napari-spatialdata reads from a layer's metadata (see its ``get_sdata_circles``):
     the SpatialData, the element name, the table keys, the coordinate system, and the instance id of

@@ -360,8 +360,9 @@ def _positions(element_ids: pd.Index, table_ids: pd.Series) -> np.ndarray:
 
 
 def _as_slide(table, elements: dict, regions: list[str], region_key: str, instance_key: str,
-              coordinate_systems: dict[str, str], label: str, source: dict):
-    """The rows of `table` annotating `regions`, in our format (see module docstring)."""
+              coordinate_systems: dict[str, str], label: str, source: dict, *, own: bool = False):
+    """The rows of `table` annotating `regions`, in our format (see module docstring). ``own``: `table` was
+    read for this slide alone, so it is filled in place when every row is kept (no copy of X)."""
     for key, what in ((region_key, "region_key"), (instance_key, "instance_key")):
         if key not in table.obs.columns:
             raise SpatialDataError(f"{label}: {what} column {key!r} is not in the table's obs; "
@@ -370,7 +371,7 @@ def _as_slide(table, elements: dict, regions: list[str], region_key: str, instan
     keep = np.isin(region_values, regions)
     if not keep.any():
         raise SpatialDataError(f"{label}: holds no cells (no table row annotates {regions}).")
-    adata = table[keep].copy() if not keep.all() else table.copy()
+    adata = table[keep].copy() if not keep.all() else (table if own else table.copy())
     region_values = region_values[keep]
     ids = adata.obs[instance_key]
     coords = np.full((adata.n_obs, 2), np.nan)
@@ -458,7 +459,8 @@ def read_store(path: str | os.PathLike, table: str | None = None, coordinate_sys
         raise SpatialDataError(f"{label}: holds no cells (n_obs = 0).")
     source = {"path": str(p.resolve()), "table": info["table"],
               "element_types": {r: info["element_types"][r] for r in regions}}
-    return _as_slide(t, elements, regions, info["region_key"], info["instance_key"], chosen, label, source)
+    return _as_slide(t, elements, regions, info["region_key"], info["instance_key"], chosen, label, source,
+                     own=True)
 
 
 def read_store_layers(path: str | os.PathLike, *, coordinate_system: str | dict | None = None) -> list[dict]:

@@ -28,6 +28,7 @@ from .neighbors import CellGraph, knn_graph
 SQUIDPY_KEY = "spatial"
 # squidpy's default k for generic coordinates; used when a method has no cell graph of its own (patch-mae).
 SQUIDPY_DEFAULT_K = 6
+WRITTEN_BY = "spatialssl"  # uns['spatial_neighbors'][WRITTEN_BY]: the graph's kind and parameters
 
 
 def squidpy_keys(key_added: str = SQUIDPY_KEY) -> tuple[str, str, str]:
@@ -82,9 +83,20 @@ def write_squidpy_graph(adata, graph: CellGraph, *, key_added: str = SQUIDPY_KEY
     conn_key, dist_key, uns_key = squidpy_keys(key_added)
     adata.obsp[conn_key] = _csr(graph, np.ones(graph.n_edges, dtype=np.float32))
     adata.obsp[dist_key] = _csr(graph, np.asarray(graph.distances, dtype=np.float32).copy())
-    entry = {"connectivities_key": conn_key, "distances_key": dist_key, "params": squidpy_params(graph)}
+    entry = {"connectivities_key": conn_key, "distances_key": dist_key, "params": squidpy_params(graph),
+             # ours, beside squidpy's keys (squidpy reads only the two keys above): which graph this is, so that
+             # a later run can tell a graph a user built from one a previous run wrote
+             WRITTEN_BY: {"kind": graph.kind, **{k: _plain(v) for k, v in graph.params.items()
+                                                 if isinstance(_plain(v), (str, int, float, bool))}}}
     adata.uns[uns_key] = entry
     return entry
+
+
+def is_spatialssl_graph(adata, key_added: str = SQUIDPY_KEY) -> bool:
+    """Whether the squidpy graph under ``key_added`` was written by :func:`write_squidpy_graph` (a previous
+    run's graph) rather than built by the user (squidpy or otherwise)."""
+    entry = adata.uns.get(squidpy_keys(key_added)[2])
+    return has_squidpy_graph(adata, key_added) and isinstance(entry, dict) and WRITTEN_BY in entry
 
 
 def has_squidpy_graph(adata, key_added: str = SQUIDPY_KEY) -> bool:
