@@ -134,24 +134,37 @@ def _coerce(text: str, current: Any, tp, optional: bool = True) -> Any:
             return False
         raise ValueError(f"expected true/false, got {text!r}")
     if isinstance(current, int) or tp is int:
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
     if isinstance(current, float) or tp is float:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
     if isinstance(current, (list, tuple)) or typing.get_origin(tp) in (list, tuple):
         body = text.strip()
         if body[:1] + body[-1:] in ("[]", "()"):  # "[512,64]" as well as "512,64"
             body = body[1:-1]
         items = [t.strip().strip("'\"") for t in body.split(",") if t.strip()]
         elem = (typing.get_args(tp) or (str,))[0]  # list[int] / list[float] get numbers
-        return [elem(t) for t in items] if elem in (int, float) else items
+        try:
+            return [elem(t) for t in items] if elem in (int, float) else items
+        except ValueError:
+            raise ValueError(f"expected a list of {'whole numbers' if elem is int else 'numbers'}, "
+                             f"got {text!r}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
 
 
-def apply_overrides(cfg, overrides: list[str] | dict | None):
-    """Apply ``name=value`` strings (or a dict) to a config in place; returns it."""
+def apply_overrides(cfg, overrides: list[str] | dict | None, *, parse_text: bool = True):
+    """Apply ``name=value`` strings (or a dict) to a config in place; returns it.
+
+    Text values are parsed as the CLI's ``--set`` does (``"16,8"`` -> [16, 8]) unless
+    `parse_text` is False (Python keyword arguments: a value is taken as it is, then validated)."""
     if not overrides:
         return cfg
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
@@ -173,7 +186,7 @@ def apply_overrides(cfg, overrides: list[str] | dict | None):
         optional = type(None) in typing.get_args(raw_tp)
         current = getattr(target, leaf)
         try:
-            parsed = _coerce(value, current, tp, optional) if isinstance(value, str) else value
+            parsed = _coerce(value, current, tp, optional) if isinstance(value, str) and parse_text else value
         except ValueError as exc:
             raise SpatialDataError(f"--set {name}={value}: {exc}.") from exc
         setattr(target, leaf, parsed)

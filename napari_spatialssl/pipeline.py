@@ -38,7 +38,7 @@ def make_config(method: str, overrides: list[str] | dict | None = None, **fields
     """The method's config with defaults, then keyword fields, then ``name=value`` overrides."""
     cls = get_method_class(method).config_class
     cfg = cls()
-    apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
+    apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None}, parse_text=False)
     return validate_config(apply_overrides(cfg, overrides))
 
 
@@ -129,7 +129,7 @@ class Pipeline:
 
     def _run(self, adata, run: RunFolder | None, name: str, resume: bool, source: dict | None):
         data = dataset_from_config(adata, self.config, name=name)
-        check_data(self.method_cls.name, data, self.config)
+        check_data(self.method_cls.name, data, self.config, name=name)
         if run is not None:
             if resume:
                 info = run.read_run_info()
@@ -258,20 +258,20 @@ MIN_CELLS = 10
 MIN_SECTION_CELLS = 3
 
 
-def check_data(method: str, data: SpatialDataset, config) -> None:
+def check_data(method: str, data: SpatialDataset, config, name: str = "AnnData") -> None:
     """Preconditions every method shares, checked before any training (one clear line each)."""
     if data.n_cells < MIN_CELLS:
-        raise SpatialDataError(f"{method}: the slide has {data.n_cells} cell(s); at least {MIN_CELLS} are needed.")
+        raise SpatialDataError(f"{name}: has {data.n_cells} cell(s); {method} needs at least {MIN_CELLS}.")
     counts = np.bincount(data.section, minlength=data.n_sections)
     small = [data.section_names[i] for i in np.flatnonzero(counts < MIN_SECTION_CELLS)]
     if small:
         key = data.section_key
         if len(small) > data.n_sections // 2:
             raise SpatialDataError(
-                f"section key {key!r}: {len(small)} of its {data.n_sections} sections hold fewer than "
+                f"{name}: section key {key!r}: {len(small)} of its {data.n_sections} sections hold fewer than "
                 f"{MIN_SECTION_CELLS} cells, so it does not name sections; choose the column that does "
                 "(--section-key NAME) or use one section (--section-key none).")
-        raise SpatialDataError(f"section key {key!r}: section(s) {small[:5]} hold fewer than {MIN_SECTION_CELLS} "
+        raise SpatialDataError(f"{name}: section key {key!r}: section(s) {small[:5]} hold fewer than {MIN_SECTION_CELLS} "
                                "cells; drop them (adata = adata[~adata.obs[key].isin([...])]) before training.")
     cls = get_method_class(method)
     if hasattr(cls, "check_data"):

@@ -204,14 +204,14 @@ class RunFolder:
     def open(self) -> "RunFolder":
         self._recover()
         check_destination(self.out, overwrite=self.overwrite or self.resume, what=self.what)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.staging.mkdir()
-        except FileExistsError:
-            pass
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir(exist_ok=True)
         except OSError as exc:
-            raise RunFolderError(f"{self.what} {self.out}: cannot create a folder there ({exc.strerror}); choose "
-                                 "another place.") from exc
+            from .data.io import describe_os_error
+
+            raise RunFolderError(f"{self.what} {self.out}: cannot create a folder there ({describe_os_error(exc)}); "
+                                 "choose another place.") from exc
         fd = os.open(self.staging, os.O_RDONLY)
         if not _try_lock(fd):
             os.close(fd)
@@ -253,6 +253,9 @@ class RunFolder:
                     self.notes.append(f"completed the move of an interrupted run into {self.out}")
             finally:
                 os.close(fd)
+        if old.exists() and not self.out.exists() and read_manifest(old) is not None:
+            os.rename(old, self.out)  # the replacement never arrived: keep the previous run
+            self.notes.append(f"restored the previous run into {self.out} (its replacement was interrupted)")
         if old.exists() and self.out.exists():
             shutil.rmtree(old, ignore_errors=True)
 
@@ -304,8 +307,13 @@ class RunFolder:
                 old = _old_path(self.out)
                 if old.exists():
                     shutil.rmtree(old)
-                os.rename(self.out, old)
-                os.rename(self.staging, self.out)
+                try:
+                    os.rename(self.out, old)
+                    os.rename(self.staging, self.out)
+                except BaseException:
+                    if not self.out.exists() and old.exists():  # never leave both names empty
+                        os.rename(old, self.out)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 shutil.rmtree(self.staging, ignore_errors=True)  # the previous run, now under the staging name

@@ -202,13 +202,13 @@ class SpatialDataset:
         pp = PreprocessConfig(**preprocess) if isinstance(preprocess, dict) else (preprocess or PreprocessConfig())
         coords = get_coordinates(adata, spatial_key=spatial_key, coord_columns=coord_columns, name=name)
         skey = resolve_section_key(adata, section_key, name=name)
-        section, section_names = section_codes(adata, skey)
+        section, section_names = section_codes(adata, skey, name=name)
         labels = label_names = None
         if label_key:
-            labels, label_names = label_codes(adata, label_key, ignore_labels)
+            labels, label_names = label_codes(adata, label_key, ignore_labels, name=name)
         domains = domain_names = None
         if domain_key:
-            domains, domain_names = label_codes(adata, domain_key, ignore_labels)
+            domains, domain_names = label_codes(adata, domain_key, ignore_labels, name=name, what="domain key")
 
         X = adata.layers[pp.layer] if pp.layer else adata.X
         if X is None:

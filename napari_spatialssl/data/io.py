@@ -152,14 +152,14 @@ def check_obs_key(adata, key: str, what: str = "label key", name: str = "AnnData
         )
 
 
-def section_codes(adata, section_key: str | None) -> tuple[np.ndarray, list[str]]:
+def section_codes(adata, section_key: str | None, name: str = "AnnData") -> tuple[np.ndarray, list[str]]:
     """Integer section code per cell and the section names (in order of first appearance sorted)."""
     if section_key is None:
         return np.zeros(adata.n_obs, dtype=np.int32), ["all"]
     values = adata.obs[section_key]
     if values.isna().any():
         raise SpatialDataError(
-            f"section key {section_key!r} has {int(values.isna().sum())} missing values; fill or drop them."
+            f"{name}: section key {section_key!r} has {int(values.isna().sum())} missing values; fill or drop them."
         )
     cat = pd.Categorical(values.astype(str))
     return cat.codes.astype(np.int32), [str(c) for c in cat.categories]
@@ -168,9 +168,10 @@ def section_codes(adata, section_key: str | None) -> tuple[np.ndarray, list[str]
 UNKNOWN_LABELS = ("", "nan", "NaN", "None", "unknown", "Unknown")
 
 
-def label_codes(adata, label_key: str, ignore: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+def label_codes(adata, label_key: str, ignore: Sequence[str] = (), name: str = "AnnData",
+                what: str = "label key") -> tuple[np.ndarray, list[str]]:
     """Integer label per cell (-1 = unknown: NaN, empty, or a value in ``ignore``) and class names."""
-    check_obs_key(adata, label_key)
+    check_obs_key(adata, label_key, what=what, name=name)
     values = adata.obs[label_key]
     as_str = values.astype(str).where(~values.isna(), "")
     unknown = as_str.isin(set(UNKNOWN_LABELS) | {str(v) for v in ignore}).to_numpy()
