@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     f = sub.add_parser("fit", help="pretrain a method on a slide, evaluate it, write results")
-    f.add_argument("data", nargs="?", help="input slide (.h5ad); with --resume, default the interrupted run's slide")
+    f.add_argument("data", nargs="?", help="input slide (.h5ad, or a SpatialData .zarr store); with --resume, "
+                                           "default the interrupted run's slide")
+    f.add_argument("--table", help="SpatialData store: the table to use (when the store holds several)")
+    f.add_argument("--coordinate-system", help="SpatialData store: the coordinate system of the cell centroids")
+    f.add_argument("--write-to-store", metavar="TABLE", help="SpatialData store: also write the results into "
+                                                             "the store as table TABLE (atomically)")
     f.add_argument("--method", choices=METHOD_IDS)
     f.add_argument("--out", help="output folder (result.h5ad, metrics.json, config.json, model.safetensors, "
                                  "model.json, loss.csv, manifest.json), written completely or not at all")
@@ -60,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     r = sub.add_parser("predict", help="apply a trained model to a (new) slide")
-    r.add_argument("data", help="input slide (.h5ad)")
+    r.add_argument("data", help="input slide (.h5ad, or a SpatialData .zarr store)")
+    r.add_argument("--table", help="SpatialData store: the table to use (when the store holds several)")
+    r.add_argument("--coordinate-system", help="SpatialData store: the coordinate system of the cell centroids")
+    r.add_argument("--write-to-store", metavar="TABLE", help="SpatialData store: also write the results into "
+                                                             "the store as table TABLE (atomically)")
     r.add_argument("--model", required=True, help="folder written by 'fit' (or its model.pt)")
     r.add_argument("--out", required=True, help="output folder (result.h5ad, metrics.json)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -92,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # flags that change settings: refused with --resume, which continues with the run's own settings
-SETTING_FLAGS = ("method", "section_key", "label_key", "ignore_labels", "domain_key", "n_domains", "train_sections",
+SETTING_FLAGS = ("method", "table", "coordinate_system", "section_key", "label_key", "ignore_labels", "domain_key", "n_domains", "train_sections",
                  "test_sections", "coords", "spatial_key", "epochs", "seed", "lr", "device")
 
 
@@ -128,13 +137,34 @@ def _fit_config(args):
     return validate_config(apply_overrides(cfg, args.overrides))
 
 
-def _warn(lines) -> None:
+def _warn(lines, what: str = "note") -> None:
     for line in lines:
-        print(f"napari-spatialssl: note: {line}", file=sys.stderr)
+        print(f"napari-spatialssl: {what}: {line}", file=sys.stderr)
+
+
+def _check_store_target(data_path, args) -> None:
+    """--write-to-store TABLE: refused before any work when it cannot be written."""
+    if not getattr(args, "write_to_store", None):
+        return
+    from .data.stores import is_spatialdata_store
+
+    p = Path(data_path)
+    if not (p.is_dir() and is_spatialdata_store(p)):
+        raise UsageError(f"--write-to-store: {p} is not a SpatialData store; write-back needs a .zarr store.")
+    if (p / "tables" / args.write_to_store).exists() and not args.overwrite:
+        raise UsageError(f"--write-to-store {args.write_to_store}: {p} already has a table of that name; pass "
+                         "--overwrite to replace it or choose another name.")
+
+
+def _read(path, args, source: dict | None = None):
+    from .data.stores import read_slide
+
+    source = source or {}
+    return read_slide(path, table=getattr(args, "table", None) or source.get("table"),
+                      coordinate_system=getattr(args, "coordinate_system", None) or source.get("coordinate_system"))
 
 
 def cmd_fit(args) -> int:
-    from .data.io import read_h5ad
     from .pipeline import Pipeline
     from .runs import RunFolder, file_fingerprint, same_file
 
@@ -156,31 +186,40 @@ def cmd_fit(args) -> int:
             if not data_path:
                 raise UsageError(f"--resume {args.resume}: the interrupted run was not started from a file; "
                                  "pass the slide too (napari-spatialssl fit SLIDE --resume DIR).")
-            if "sha256_head_tail" in source and Path(data_path).is_file() and not same_file(source, data_path):
+            if Path(data_path).is_file() and "sha256_head_tail" in source and not same_file(source, data_path):
                 raise UsageError(f"--resume {args.resume}: {data_path} is not the slide the run was started with "
                                  f"({source.get('path')}); pass that slide.")
         except BaseException:
             run.close()
             raise
         out_label = args.resume
+        args.table, args.coordinate_system = source.get("table"), source.get("coordinate_system")
     else:
         missing = [n for n in ("data", "method", "out") if getattr(args, n) is None]
         if missing:
             raise UsageError(f"fit needs {', '.join('--' + m if m != 'data' else 'a slide' for m in missing)} "
                              "(or --resume DIR).")
         cfg = _fit_config(args)  # every setting validated before the slide is read
-        method, data_path = args.method, args.data
+        method, data_path, source = args.method, args.data, {}
+        _check_store_target(data_path, args)
         run = RunFolder(args.out, overwrite=args.overwrite).open()  # --out checked and locked before any work
         out_label = args.out
     _warn(run.notes)
     try:
-        adata = read_h5ad(data_path)
+        adata = _read(data_path, args, source)
         pipeline = Pipeline(method, cfg)
         out = pipeline.fit(adata, run, progress=not args.quiet, resume=bool(args.resume), name=str(data_path),
-                           source=file_fingerprint(data_path))
+                           source={**file_fingerprint(data_path), "table": args.table,
+                                   "coordinate_system": args.coordinate_system})
     finally:
         run.close()
-    _warn(out.metrics.get("warnings", []))
+    if getattr(args, "write_to_store", None):
+        from .data.stores import write_results_to_store
+
+        table = write_results_to_store(data_path, out.adata, table_name=args.write_to_store, overwrite=args.overwrite)
+        print(f"results written into {table}")
+    if args.quiet:  # with the progress bar they were printed as they came
+        _warn(out.metrics.get("warnings", []), "warning")
     summary = {k: out.metrics[k] for k in ("method", "seed", "device", "train_seconds", "epochs")}
     # headline figures when the method reports them (see metrics.json for everything)
     rec, ct = out.metrics.get("reconstruction") or {}, out.metrics.get("cell_type") or {}
@@ -196,15 +235,15 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.io import read_h5ad
     from .pipeline import predict
     from .runs import RunFolder
 
+    _check_store_target(args.data, args)
     run = RunFolder(args.out, overwrite=args.overwrite).open()  # checked and locked before predicting
     _warn(run.notes)
     notes: list[str] = []
     try:
-        adata = read_h5ad(args.data)
+        adata = _read(args.data, args)
         out = predict(adata, args.model, run, device=args.device, max_missing_fraction=args.max_missing_genes,
                       name=args.data, notes=notes)
     finally:
@@ -214,6 +253,11 @@ def cmd_predict(args) -> int:
         print(f"{out.metrics['n_missing_genes']} model gene(s) missing from {args.data}, zero-filled: "
               f"{out.metrics['missing_genes'][:10]}", file=sys.stderr)
     print(f"results written to {Path(args.out).resolve()}")
+    if args.write_to_store:
+        from .data.stores import write_results_to_store
+
+        table = write_results_to_store(args.data, out.adata, table_name=args.write_to_store, overwrite=args.overwrite)
+        print(f"results written into {table}")
     return 0
 
 

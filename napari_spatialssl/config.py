@@ -51,6 +51,14 @@ class DataConfig:
     label_key: str | None = None
     ignore_labels: list[str] = field(default_factory=list)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # graph methods: "auto" trains on a spatial graph the user built with squidpy
+    # (obsp['spatial_connectivities']) when the slide has one; "build" always builds the method's own
+    graph: str = "auto"
+
+    def validate(self) -> None:
+        if self.graph not in ("auto", "build"):
+            raise SpatialDataError(f"data.graph={self.graph!r}: choose 'auto' (use a squidpy graph when present) "
+                                   "or 'build'.")
 
 
 @dataclass
@@ -59,8 +67,10 @@ class EvalConfig:
 
     train_sections / test_sections: section names for cell-type fine-tuning (held-out test
     sections are never seen in fine-tuning); empty = the method's default split.
-    domain_key: obs column with reference spatial domains (for ARI / NMI); n_domains: K for
-    k-means (None = chosen automatically).
+    domain_key: obs column with reference spatial domains (for ARI / NMI); n_domains: K (None =
+    chosen automatically); domain_method: how domains are clustered from the embeddings
+    (evaluation.domains.cluster_domains: "auto" = k-means when K is given, else a Leiden resolution
+    search; "kmeans", "leiden", or "gmm" = the mclust protocol), the same for every method.
     reconstruction: which cells keep their reconstructed expression in
     ``layers['<method>_reconstruction']``: "all", "masked" (the evaluation-masked cells only,
     stored as sparse rows; ``obs['<method>_reconstructed']`` marks them), "none", or "auto" = all
@@ -72,10 +82,18 @@ class EvalConfig:
     test_sections: list[str] = field(default_factory=list)
     domain_key: str | None = None
     n_domains: int | None = None
+    domain_method: str = "auto"  # auto (k-means with K, else Leiden search) | kmeans | leiden | gmm
     reconstruction: str = "auto"
     reconstruction_max_values: int = 500_000_000
 
     def validate(self) -> None:
+        from .evaluation.domains import DOMAIN_METHODS
+
+        if self.domain_method not in DOMAIN_METHODS:
+            raise SpatialDataError(f"eval.domain_method={self.domain_method!r}: choose one of "
+                                   f"{', '.join(DOMAIN_METHODS)}.")
+        if self.domain_method == "kmeans" and self.n_domains is None:
+            raise SpatialDataError("eval.domain_method='kmeans' needs K: set eval.n_domains (CLI --n-domains K).")
         if self.reconstruction not in RECONSTRUCTION_CHOICES:
             raise SpatialDataError(f"eval.reconstruction={self.reconstruction!r}: choose one of "
                                    f"{', '.join(RECONSTRUCTION_CHOICES)}.")
@@ -97,7 +115,21 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(cls, data: dict):
-    """Build dataclass `cls` from a dict, recursing into nested dataclass fields; unknown keys refused."""
+    """Build dataclass `cls` from a dict, recursing into nested dataclass fields; unknown keys refused.
+
+    Settings renamed since a config was saved (a class's ``RENAMED_FIELDS``: old name -> dotted new
+    name) are moved to their new place first, so older model folders still load."""
+    if not isinstance(data, dict):
+        raise SpatialDataError(f"{cls.__name__}: expected a table of settings, got {type(data).__name__}.")
+    data = dict(data)
+    for old, new in getattr(cls, "RENAMED_FIELDS", {}).items():
+        if old in data:
+            value = data.pop(old)
+            head, _, leaf = new.rpartition(".")
+            if head:
+                data[head] = {**data.get(head, {}), leaf: value}
+            else:
+                data[leaf] = value
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names

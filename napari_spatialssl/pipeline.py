@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .config import TrainConfig, apply_overrides, config_from_dict, config_to_di
 from .data.dataset import SpatialDataset, rows_as_csr
 from .data.io import SpatialDataError, atomic_write_h5ad, atomic_write_text
 from .models.base import MethodResults, SSLMethod, data_config_of, get_method_class
+from .graphs.squidpy_graph import write_run_graph
+from .preflight import check_view
 from .runs import RunFolder, RunFolderError, verify_run
 from .training import (TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, save_model,
                        seed_everything)
@@ -48,7 +51,7 @@ def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> 
     domain_key = getattr(ec, "domain_key", None)
     if domain_key and domain_key not in adata.obs.columns and genes is not None:
         domain_key = None  # predicting on a new slide without reference domains
-    return SpatialDataset.from_anndata(
+    data = SpatialDataset.from_anndata(
         adata,
         spatial_key=dc.spatial_key,
         coord_columns=dc.coord_columns,
@@ -60,6 +63,19 @@ def dataset_from_config(adata, config, *, genes=None, name: str = "AnnData") -> 
         name=name,
         domain_key=domain_key,
     )
+    if dc.graph == "auto":
+        data.spatial_graph = user_graph(adata, data)
+    return data
+
+
+def user_graph(adata, data: SpatialDataset):
+    """The spatial graph a user built with squidpy (``obsp['spatial_connectivities']``), to train on
+    instead of building one; None when there is none, or when it is a graph a previous run of ours wrote."""
+    from .graphs.squidpy_graph import has_squidpy_graph, is_spatialssl_graph, read_squidpy_graph
+
+    if not has_squidpy_graph(adata) or is_spatialssl_graph(adata):
+        return None
+    return read_squidpy_graph(adata, data.coords, data.section)
 
 
 @dataclass
@@ -130,6 +146,8 @@ class Pipeline:
     def _run(self, adata, run: RunFolder | None, name: str, resume: bool, source: dict | None):
         data = dataset_from_config(adata, self.config, name=name)
         check_data(self.method_cls.name, data, self.config, name=name)
+        view = check_view(self.method_cls.name, self.config, data)
+        view.raise_errors()
         if run is not None:
             if resume:
                 info = run.read_run_info()
@@ -147,6 +165,8 @@ class Pipeline:
                                     "source": source or {"name": name}, "n_cells": data.n_cells,
                                     "n_genes": data.n_genes, "versions": package_versions()})
             run.keep_on_failure = True  # a failed or interrupted run can be continued with --resume
+        for warning in view.warnings:
+            yield TrainEvent("warning", 0, self.config.epochs, message=warning, stage="preflight")
         yield TrainEvent("stage", 0, self.config.epochs, message=f"preparing {self.method_cls.name}")
         self.method.data = data
         seed_everything(self.config.seed)  # model initialisation in prepare is reproducible too
@@ -159,6 +179,7 @@ class Pipeline:
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating",
                          stage="evaluation")
         results = yield from self._evaluate(data, trainer.device)
+        add_domains(results, self.method_cls.name, data, self.config)
         metrics = {
             "method": self.method_cls.name,
             "seed": self.config.seed,
@@ -172,9 +193,12 @@ class Pipeline:
             "stopped_early": train_result.stopped_early,
             "resumed": bool(resume),
             "data": data.summary(),
+            "view": view.facts,
+            "warnings": list(view.warnings),
             **results.metrics,
         }
         result_adata = write_results(adata, self.method_cls.name, data, results, self.config, metrics)
+        write_run_graph(result_adata, self.method, data)  # squidpy's keys: obsp / uns['spatial_neighbors']
         files = {}
         if run is not None:
             yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="writing the run folder",
@@ -232,7 +256,9 @@ class Pipeline:
 def _progress(bar, event: TrainEvent):
     from tqdm.auto import tqdm
 
-    if event.kind == "start":
+    if event.kind == "warning":
+        tqdm.write(f"napari-spatialssl: warning: {event.message}", file=sys.stderr)
+    elif event.kind == "start":
         if bar is not None:
             bar.close()
         bar = tqdm(total=event.n_epochs, desc=event.stage, unit="epoch")
@@ -256,6 +282,24 @@ def fit(adata, method: str, out_dir=None, *, overwrite: bool = False, progress: 
 
 MIN_CELLS = 10
 MIN_SECTION_CELLS = 3
+
+
+def add_domains(results: MethodResults, method: str, data: SpatialDataset, config) -> None:
+    """``obs['<method>_domain']`` from ``obsm['X_<method>']`` when the method gave no domains of its
+    own (gnn-mask), by the same evaluation.domains.cluster_domains every method uses, with
+    ``config.eval`` (K, domain method) and the seed; scored against the reference domains."""
+    from .evaluation.domains import cluster_domains, domain_categorical, score_domains
+
+    key, emb_key = f"{method}_domain", f"X_{method}"
+    if key in results.obs or emb_key not in results.obsm:
+        return
+    ec = getattr(config, "eval", None)
+    labels, info = cluster_domains(results.obsm[emb_key], getattr(ec, "n_domains", None), seed=config.seed,
+                                   method=getattr(ec, "domain_method", "auto"))
+    results.obs[key] = domain_categorical(labels)
+    results.metrics["domains"] = {"n_domains": info["n_domains"], "clustering": info,
+                                  **score_domains(labels, data.domains, data.section, data.section_names,
+                                                  data.domain_key)}
 
 
 def check_data(method: str, data: SpatialDataset, config, name: str = "AnnData") -> None:
@@ -537,9 +581,11 @@ def predict(adata, model_dir: str | Path, out_dir: str | Path | RunFolder | None
         t0 = time.perf_counter()
         method.data = data
         results = method.predict(data, dev)
+        add_domains(results, method.name, data, cfg)
         metrics = {"method": method.name, "device": str(dev), "predict_seconds": time.perf_counter() - t0,
                    "missing_genes": missing, "n_missing_genes": len(missing), **results.metrics}
         result_adata = write_results(adata, method.name, data, results, cfg, metrics)
+        write_run_graph(result_adata, method, data)
         files = {}
         if run is not None:
             atomic_write_h5ad(result_adata, run.staging / "result.h5ad", overwrite=True)

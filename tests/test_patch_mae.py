@@ -372,7 +372,7 @@ def test_fit_writes_documented_keys_and_metrics(fitted, slide):
     rc = m["reconstruction"]
     assert set(rc["baselines"]) == {"zeros", "patch_mean", "nearest", "idw"}
     assert rc["masked_mse"] > 0 and set(rc["by_mask_size"]) == {"2", "4"}
-    assert m["domains"]["k"] == 4 and set(m["domains"]["per_section"]) == {"s0", "s1"}
+    assert m["domains"]["n_domains"] == 4 and set(m["domains"]["per_section"]) == {"s0", "s1"}
     for key in ("ari", "nmi", "accuracy"):
         assert 0 <= m["domains"][key] <= 1 or key == "ari"
     for p in ("knn", "mlp"):

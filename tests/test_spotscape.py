@@ -262,7 +262,7 @@ def test_leiden_domains_when_k_not_given():
     cfg.eval.n_domains = None
     out = Pipeline("spotscape", cfg).fit(a)
     info = out.metrics["domains"]["clustering"]
-    assert info["method"] == "leiden" and info["n_clusters"] >= 2
+    assert info["method"] == "leiden" and info["n_domains"] >= 2
 
 
 def test_cli_fit_then_predict(tmp_path):

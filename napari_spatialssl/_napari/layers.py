@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from ..data.io import (
     SpatialDataError,
-    UNKNOWN_LABELS,
+    is_unknown_label,
     check_obs_key,
     get_coordinates,
     resolve_section_key,
@@ -51,8 +51,6 @@ LABEL_KEY_CANDIDATES = (
 """obs columns tried, in order, when a slide is coloured by cell type automatically."""
 
 UNKNOWN_COLOR = "#6e6e6e"
-_UNKNOWN_NAMES = {s.lower() for s in UNKNOWN_LABELS} | {"excluded", "ambiguous", "unassigned", "unlabeled",
-                                                          "unlabelled", "na", "n/a"}
 
 # tab10 then its light variants (greys left out: grey means "unknown").
 _BASE_PALETTE = (
@@ -182,12 +180,6 @@ def stable_palette(n: int) -> list[str]:
         k += 1
     return colours
 
-
-def is_unknown_label(value: Any) -> bool:
-    """True for values that mean "no label" (NaN, '', 'Excluded', 'Ambiguous', 'unknown', ...)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return True
-    return str(value).strip().lower() in _UNKNOWN_NAMES
 
 
 def category_colors(adata, key: str) -> dict[str, str]:

@@ -108,3 +108,139 @@ def rectangles(origins_xy: np.ndarray, size_xy: tuple[float, float], section: np
     sec = np.broadcast_to(np.asarray(section), (len(origins_xy),))
     flat = transform.apply(corners.reshape(-1, 2), np.repeat(sec, 4))
     return flat.reshape(-1, 4, 2)
+
+
+# ------------------------------------------------------------------------------------ preview layers
+# Built off the main thread (the Session's side jobs); layer_updates only writes them.
+
+PREVIEW_EDGE_SAMPLE = 4000  # edges drawn in the "sample of edges" preview
+
+
+def _vectors_spec(key: str, name: str, vectors: np.ndarray, color: str, width: float):
+    from .displays import LayerSpec
+
+    return LayerSpec(key, "vectors", name, vectors, {"edge_color": color, "edge_width": float(width),
+                                                     "vector_style": "line"}, None,
+                     {"spatialssl_role": "preview"}, "preview")
+
+
+def graph_preview(slide, graph, report, cell: int | None = None, hops: int = 1):
+    """A sample of the graph's edges; with `cell`, its edges and k-hop ego-net highlighted."""
+    from .displays import Display, points_spec
+
+    pos = slide.positions
+    size = slide.point_size
+    specs = []
+    src, dst = sample_edges(graph, PREVIEW_EDGE_SAMPLE, np.random.default_rng(0))
+    specs.append(_vectors_spec("preview:edges", f"view: {len(src):,} of {graph.n_edges // 2:,} edges",
+                               edge_vectors(pos, src, dst), "#f0f0f0", size * 0.08))
+    text = report.summary() if report is not None else ""
+    if cell is not None:
+        members = egonet_members(graph, int(cell), hops)
+        s2, d2 = edges_of(graph, members)
+        specs.append(_vectors_spec("preview:ego-edges", f"view: edges of cell {cell}'s {hops}-hop ego-net",
+                                   edge_vectors(pos, s2, d2), "#ffd84d", size * 0.12))
+        rgba = np.tile(np.array([[0.2, 0.9, 1.0, 1.0]], np.float32), (len(members), 1))
+        rgba[members == cell] = (1.0, 0.2, 0.6, 1.0)
+        spec = points_spec("preview:ego-net", f"view: {hops}-hop ego-net of cell {cell} ({len(members):,} cells)",
+                           pos[members], rgba, size * 1.6, members, role="preview")
+        specs.append(spec)
+        deg = int(graph.indptr[cell + 1] - graph.indptr[cell])
+        text += f" Cell {cell}: {deg} neighbours; its {hops}-hop ego-net has {len(members):,} cells."
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)
+
+
+def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple[int, int], n_channels: int,
+                  seed: int, mask_cfg, token_bins: int, gene_names, cell: int | None = None):
+    """The tiled patch grid of every section and one patch (the one around `cell`, else the most
+    occupied of section 0) as its first three gene channels, with the pretext mask drawn over it."""
+    from ..graphs.lattice import centered_origins, extract_patches, select_channels, tiled_origins
+    from ..masking import random_cells, regions
+    from .displays import Display, LayerSpec
+
+    h, w = shape
+    tr = fit_section_transform(geometry.coords, geometry.section, slide.positions, geometry.n_sections)
+    boxes = []
+    for s, lat in lattices.items():
+        org = tiled_origins(lat, h, w)
+        xy = np.stack([lat.origin[0] + org[:, 1] * bin_size, lat.origin[1] + org[:, 0] * bin_size], 1)
+        boxes.append(rectangles(xy, (w * bin_size, h * bin_size), s, tr))
+    specs = [LayerSpec("preview:patch-grid", "shapes", f"view: patch grid ({h} x {w} bins of {bin_size:.3g})",
+                       list(np.concatenate(boxes)), {"shape_type": "rectangle", "edge_color": "#f0f0f0",
+                                                     "face_color": "transparent",
+                                                     "edge_width": tr.length(bin_size * 0.15)},
+                       None, {"spatialssl_role": "preview"}, "preview")]
+    section = int(geometry.section[cell]) if cell is not None else 0
+    lat = lattices[section]
+    if cell is not None:
+        origin = centered_origins(lat, np.array([cell]), h, w)
+    else:
+        org = tiled_origins(lat, h, w)
+        occ = [lat.occupancy[r:r + h, c:c + w].mean() for r, c in org[:64]]
+        origin = org[[int(np.argmax(occ))]]
+    rng = np.random.default_rng(seed)
+    genes = select_channels(lat, origin, h, w, n_channels, rng)
+    batch = extract_patches(lat, origin, h, w, genes)
+    names = [str(gene_names[g]) for g in batch.genes[0]]
+    x0, y0 = lat.origin[0] + origin[0, 1] * bin_size, lat.origin[1] + origin[0, 0] * bin_size
+    corner = tr.apply([[x0 + bin_size / 2, y0 + bin_size / 2]], section)[0]
+    scale = tr.length(bin_size, section)
+    for c, cmap in zip(range(min(3, len(names))), ("magenta", "green", "cyan")):
+        img = batch.values[0, :, :, c]
+        specs.append(LayerSpec(f"preview:channel{c}", "image", f"view: patch channel {c + 1}: {names[c]}", img,
+                               {"colormap": cmap, "blending": "additive", "translate": tuple(corner),
+                                "scale": (scale, scale), "contrast_limits": (0.0, float(max(img.max(), 1e-6)))},
+                               None, {"spatialssl_role": "preview"}, "preview"))
+    if mask_cfg.strategy == "regions":
+        mask = regions((h, w), int(mask_cfg.region_size), int(mask_cfg.n_regions), rng)
+        what = f"{mask_cfg.n_regions} region(s) of {mask_cfg.region_size} x {mask_cfg.region_size} bins"
+    else:
+        t = max(int(token_bins), 1)
+        tokens = random_cells((h // t) * (w // t), float(mask_cfg.ratio), rng).reshape(h // t, w // t)
+        mask = np.kron(tokens, np.ones((t, t), dtype=bool))
+        what = f"{int(tokens.sum())} of {tokens.size} tokens ({t} x {t} bins each)"
+    r, c = np.nonzero(mask)
+    tl = corner[None, :] + (np.stack([r, c], 1) - 0.5) * scale
+    rects = np.stack([tl, tl + [0, scale], tl + [scale, scale], tl + [scale, 0]], 1)
+    specs.append(LayerSpec("preview:patch-mask", "shapes", f"mask preview: {what} hidden (red)", list(rects),
+                           {"shape_type": "rectangle", "edge_color": "transparent",
+                            "face_color": [1.0, 0.2, 0.2, 0.45], "edge_width": 0}, None,
+                           {"spatialssl_role": "preview"}, "preview"))
+    text = (f"Patch at bin (row {origin[0, 0]}, col {origin[0, 1]}) of section {geometry.section_names[section]}: "
+            f"{len(names)} channels by variance-weighted sampling ({', '.join(names[:6])}"
+            f"{'…' if len(names) > 6 else ''}; the first three drawn magenta / green / cyan). Masked: {what}, a new "
+            "draw for every patch and step. Click a cell to see the patch around it.")
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)
+
+
+def cell_mask_preview(slide, mask: np.ndarray, strategy: str):
+    """The cells a per-cell mask hides (red), over the tissue."""
+    from .displays import Display, points_spec
+
+    idx = np.flatnonzero(mask)
+    rgba = np.tile(np.array([[1.0, 0.25, 0.25, 0.95]], np.float32), (len(idx), 1))
+    spec = points_spec("preview:mask", f"mask preview: {len(idx):,} of {len(mask):,} cells hidden ({strategy})",
+                       slide.positions[idx], rgba, slide.point_size * 1.3, idx, role="preview")
+    text = (f"'{strategy}' hides {len(idx):,} of {len(mask):,} cells ({mask.mean():.1%}), in red. Training draws a "
+            "new mask every step; this is the first draw with the training seed.")
+    return Display([spec], top=spec.key, hide_roles=("preview", "compare", "region"), text=text)
+
+
+def view_mask_preview(slide, graph, edge_drop: float, feature_mask: float, seed: int, gene_names):
+    """Spotscape's augmented view: the edges it drops (red) among a sample of the kept ones, and
+    the genes it hides from every spot."""
+    from .displays import Display
+
+    rng = np.random.default_rng(seed)
+    src, dst = sample_edges(graph, PREVIEW_EDGE_SAMPLE, rng)
+    drop = rng.random(len(src)) < edge_drop
+    pos, size = slide.positions, slide.point_size
+    hidden = np.flatnonzero(rng.random(len(gene_names)) < feature_mask)
+    specs = [_vectors_spec("preview:kept", "mask preview: kept edges (one augmented view)",
+                           edge_vectors(pos, src[~drop], dst[~drop]), "#d0d0d0", size * 0.08),
+             _vectors_spec("preview:dropped", f"mask preview: dropped edges ({edge_drop:.0%})",
+                           edge_vectors(pos, src[drop], dst[drop]), "#ff4040", size * 0.12)]
+    names = [str(gene_names[j]) for j in hidden[:8]]
+    text = (f"Each step makes two views; in each, {edge_drop:.0%} of edges are dropped (red) and {feature_mask:.0%} "
+            f"of genes are hidden from every spot (this draw: {len(hidden)} genes, e.g. {', '.join(names)}).")
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)

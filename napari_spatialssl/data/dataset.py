@@ -138,6 +138,9 @@ class SpatialDataset:
     domains: np.ndarray | None = None
     domain_names: list[str] | None = None
     domain_key: str | None = None
+    # A spatial graph given with the slide (a user's squidpy graph), used by graph methods instead of
+    # building their own; a graphs.neighbors.CellGraph or None.
+    spatial_graph: object | None = None
 
     @property
     def n_cells(self) -> int:

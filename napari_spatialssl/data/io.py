@@ -165,7 +165,18 @@ def section_codes(adata, section_key: str | None, name: str = "AnnData") -> tupl
     return cat.codes.astype(np.int32), [str(c) for c in cat.categories]
 
 
-UNKNOWN_LABELS = ("", "nan", "NaN", "None", "unknown", "Unknown")
+# Label values that mean "no label" in every part of the package (compared case-insensitively):
+# empty and NaN-like values, and the placeholders the sample data and common atlases use.
+UNKNOWN_LABELS = ("", "nan", "none", "na", "n/a", "unknown", "excluded", "ambiguous", "unassigned", "unlabeled",
+                  "unlabelled")
+
+
+def is_unknown_label(value, ignore=()) -> bool:
+    """True for NaN / None and for values meaning "unlabelled" (UNKNOWN_LABELS, or in `ignore`)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return True
+    text = str(value).strip()
+    return text.lower() in UNKNOWN_LABELS or text in {str(v) for v in ignore}
 
 
 def label_codes(adata, label_key: str, ignore: Sequence[str] = (), name: str = "AnnData",
@@ -174,7 +185,7 @@ def label_codes(adata, label_key: str, ignore: Sequence[str] = (), name: str = "
     check_obs_key(adata, label_key, what=what, name=name)
     values = adata.obs[label_key]
     as_str = values.astype(str).where(~values.isna(), "")
-    unknown = as_str.isin(set(UNKNOWN_LABELS) | {str(v) for v in ignore}).to_numpy()
+    unknown = (as_str.str.strip().str.lower().isin(UNKNOWN_LABELS) | as_str.isin({str(v) for v in ignore})).to_numpy()
     known_values = as_str[~unknown]
     classes = sorted(pd.unique(known_values))
     lookup = {c: i for i, c in enumerate(classes)}

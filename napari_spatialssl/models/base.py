@@ -35,10 +35,22 @@ class MethodResults:
 
 
 class SSLMethod(abc.ABC):
-    """Base class of the three method families (gnn-mask, spotscape, patch-mae)."""
+    """Base class of the three method families (gnn-mask, spotscape, patch-mae).
+
+    Besides training, a method describes how it views the slide, so that previews, preflight
+    checks and the widget never guess from config field names:
+
+    - ``view_kind``: "graph" (a neighbour graph per section: :meth:`preview_graph`,
+      :meth:`graph_radius`, :meth:`view_hops`) or "patches" (a lattice cut into patches:
+      :meth:`bin_size_for`, :meth:`patch_shape`);
+    - ``mask_kind``: what its pretext mask hides: "cells" (whole cells, chosen by ``config.mask``),
+      "genes" (gene channels of every cell) or "regions" (bins of the lattice).
+    """
 
     name: str = ""
     config_class: type = TrainConfig
+    view_kind: str = "graph"
+    mask_kind: str = "cells"
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_class()
@@ -89,6 +101,28 @@ class SSLMethod(abc.ABC):
     def load_extra_state(self, state: dict) -> None:
         """Restore what `extra_state` saved (before `build_model` is called for prediction)."""
         self.genes = list(state.get("genes", []))
+
+    # -- how the method views the slide (see the class docstring) ----------------------------
+    def graph_radius(self, data: SpatialDataset) -> tuple[float, str]:
+        """(radius in the coordinates' units, how it was chosen) of the graph the method builds."""
+        raise NotImplementedError(f"{self.name} does not view the slide as a radius graph")
+
+    def preview_graph(self, data: SpatialDataset):
+        """The neighbour graph the method trains on, from coordinates and sections alone (a
+        geometry-only dataset is enough: see preflight.geometry_dataset)."""
+        raise NotImplementedError(f"{self.name} does not view the slide as a graph")
+
+    def view_hops(self) -> int:
+        """Graph hops that one cell's output depends on (its ego-net in the previews)."""
+        raise NotImplementedError(f"{self.name} does not view the slide as a graph")
+
+    def bin_size_for(self, data: SpatialDataset) -> float:
+        """Lattice bin side (coordinate units) for a slide: the configured one or the rule's."""
+        raise NotImplementedError(f"{self.name} does not view the slide as patches")
+
+    def patch_shape(self) -> tuple[int, int]:
+        """(h, w) bins of one patch."""
+        raise NotImplementedError(f"{self.name} does not view the slide as patches")
 
     def load_state_dict_for_predict(self, state_dict: dict) -> None:
         self.model = self.build_model()

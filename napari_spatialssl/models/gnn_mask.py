@@ -336,12 +336,16 @@ class GraphView:
 
     def __init__(self, data: SpatialDataset, cfg: GnnMaskConfig):
         self.cfg = cfg
-        self.radius, self.radius_rule = cfg.graph_radius(data.coords, data.section)
-        self.graph: CellGraph = radius_graph(data.coords, self.radius, data.section)
+        if data.spatial_graph is not None:  # the user's own (squidpy) graph
+            self.graph: CellGraph = data.spatial_graph
+            self.radius, self.radius_rule = float("nan"), "the slide's squidpy graph (obsp['spatial_connectivities'])"
+        else:
+            self.radius, self.radius_rule = cfg.graph_radius(data.coords, data.section)
+            self.graph = radius_graph(data.coords, self.radius, data.section)
         self.degree = self.graph.degrees().astype(np.float64)
         self.section = data.section
         self.n_sections = data.n_sections
-        self.num_hops = cfg.num_hops if cfg.num_hops is not None else len(cfg.hidden_dims)
+        self.num_hops = int(cfg.num_hops) if cfg.num_hops is not None else len(cfg.hidden_dims)
         self.sampler = EgoNetSampler(self.graph, self.num_hops) if cfg.graph_mode == "egonet" else None
         self._section_cache: dict[int, tuple] = {}
 
@@ -512,6 +516,19 @@ class GnnMask(SSLMethod):
 
         return MemoryEstimate(total, parts, fit)
 
+    # -- the view (see SSLMethod) -------------------------------------------------------------
+    def graph_radius(self, data: SpatialDataset) -> tuple[float, str]:
+        return self.config.graph_radius(data.coords, data.section)
+
+    def preview_graph(self, data: SpatialDataset) -> CellGraph:
+        if data.spatial_graph is not None:
+            return data.spatial_graph
+        return radius_graph(data.coords, self.graph_radius(data)[0], data.section)
+
+    def view_hops(self) -> int:
+        cfg = self.config
+        return int(cfg.num_hops) if cfg.num_hops is not None else len(cfg.hidden_dims)
+
     def _mean_std(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from ..data.dataset import gene_mean_var
 
@@ -604,6 +621,17 @@ class GnnMask(SSLMethod):
                 rec[rows] = r[pos].float().cpu().numpy()
                 tgt[rows] = x[sub.pos].numpy()
         return emb, rec, tgt
+
+    @torch.no_grad()
+    def reconstruct_hidden(self, hidden: np.ndarray, device) -> np.ndarray:
+        """(len(hidden), n_genes) every gene of the `hidden` cells reconstructed with all of them masked
+        at once (their input replaced by the mask token: the pretext task on a region the user chose),
+        in the model's input space."""
+        mask = np.zeros(self.data.n_cells, bool)
+        mask[np.asarray(hidden, np.int64)] = True
+        self.model.to(device)
+        _, rec, _ = self._reconstruct(np.asarray(hidden, np.int64), mask, device)
+        return rec
 
     def _embed_and_reconstruct(self, eval_mask: np.ndarray, device):
         """Embeddings of every cell (nothing hidden), the reconstruction layer under

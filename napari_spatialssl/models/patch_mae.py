@@ -72,7 +72,7 @@ from torch import nn
 from ..config import DataConfig, EvalConfig, TrainConfig
 from ..data.dataset import SpatialDataset
 from ..data.io import SpatialDataError
-from ..evaluation.clustering import domain_scores, gmm_bic, kmeans
+from ..evaluation.clustering import domain_scores
 from ..evaluation.probes import run_probes
 from ..graphs.lattice import (
     Lattice,
@@ -270,6 +270,8 @@ class PatchMAE(SSLMethod):
 
     name = NAME
     config_class = PatchMAEConfig
+    view_kind = "patches"
+    mask_kind = "regions"  # tokens (bins) of each patch, at random or as squares
 
     def __init__(self, config: PatchMAEConfig | None = None):
         super().__init__(config)
@@ -288,6 +290,14 @@ class PatchMAE(SSLMethod):
     def h(self) -> int:
         return int(self.config.patch_size)
 
+    def bin_size_for(self, data: SpatialDataset) -> float:
+        cfg = self.config
+        return float(cfg.bin_size) if cfg.bin_size else suggest_bin_size(data.coords, data.section,
+                                                                          factor=cfg.bin_factor)
+
+    def patch_shape(self) -> tuple[int, int]:
+        return self.h, self.h
+
     def build_model(self) -> nn.Module:
         if self.n_genes < 1:
             raise SpatialDataError("patch-mae: the model's gene count is unknown; prepare a dataset or load extra state.")
@@ -299,8 +309,7 @@ class PatchMAE(SSLMethod):
         self.data = data
         self.genes = [str(g) for g in data.gene_names]
         self.n_genes = data.n_genes
-        self.bin_size = float(cfg.bin_size) if cfg.bin_size else suggest_bin_size(
-            data.coords, data.section, factor=cfg.bin_factor)
+        self.bin_size = self.bin_size_for(data)
         self.lattices = build_lattices(data, self.bin_size)
         self._dense = {}
         mean, var = self._bin_gene_stats(self.lattices)
@@ -618,6 +627,61 @@ class PatchMAE(SSLMethod):
             out[lat.cells] = grid[lat.bin_of_cell]
         return out
 
+    @torch.no_grad()
+    def reconstruct_hidden(self, hidden: np.ndarray, device: torch.device) -> np.ndarray:
+        """(len(hidden), n_genes) model genes predicted for the `hidden` cells with every bin that holds one
+        of them masked (the pretext task, on a region the user chose), in the preprocessed space.
+
+        Every tile of the embedding tiling that touches a hidden bin is encoded from its other occupied
+        tokens; a hidden bin's prediction is the mean over those tiles, and a cell gets its bin's."""
+        model = self.model.to(device).eval()
+        mae, h, bs, p = model.mae, self.h, max(self.config.eval_batch_size // 4, 1), self.config.token_bins
+        hidden = np.asarray(hidden, np.int64)
+        where = np.full(self.data.n_cells, -1, np.int64)
+        where[hidden] = np.arange(len(hidden))
+        out = np.zeros((len(hidden), self.n_genes), np.float32)
+        all_genes = torch.arange(self.n_genes, device=device)
+        for lat, tiles in zip(self.lattices, self._tiles()):
+            mine = where[lat.cells] >= 0
+            if not mine.any():
+                continue
+            H, W = lat.shape
+            grid_hidden = np.zeros(H * W, bool)
+            grid_hidden[lat.bin_of_cell[mine]] = True
+            grid_hidden = grid_hidden.reshape(H, W)
+            integral = np.pad(grid_hidden.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+            r, c = tiles[:, 0], tiles[:, 1]
+            touched = integral[r + h, c + h] - integral[r, c + h] - integral[r + h, c] + integral[r, c]
+            use = tiles[touched > 0]
+            acc = torch.zeros(H * W, self.n_genes, device=device)
+            cnt = torch.zeros(H * W, device=device)
+            rows, cols = np.arange(h)[None, :, None], np.arange(h)[None, None, :]
+            for i in range(0, len(use), bs):
+                o = use[i:i + bs]
+                pb = self._extract(lat, o, self.channel_genes)
+                genes = torch.as_tensor(pb.genes, device=device)
+                occ = torch.as_tensor(pb.occupancy, device=device)
+                x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
+                out_genes = all_genes.expand(len(o), -1)
+                x_all = None
+                if mae.residual != "none":
+                    full = self._extract(lat, o, np.arange(self.n_genes))
+                    x_all = model.standardise(torch.as_tensor(full.values, device=device), occ, out_genes)
+                hid = torch.as_tensor(grid_hidden[o[:, 0, None, None] + rows, o[:, 1, None, None] + cols],
+                                      device=device) & occ
+                tok_occ = mae.token_occupancy(occ)
+                visible = tok_occ & ~mae.to_tokens(hid).any(dim=2)
+                states, order, pad = mae.encode(x, occ, genes, visible)
+                context = (x_all, occ, visible) if x_all is not None else None
+                pred = model.unstandardise(mae.decode(states, order, pad, tok_occ, out_genes, context=context).float(),
+                                           out_genes)
+                flat, keep = self._bin_index(o, lat, hid)
+                acc.index_add_(0, flat, pred[keep])
+                cnt.index_add_(0, flat, torch.ones(len(flat), device=device))
+            grid = (acc / cnt.clamp(min=1)[:, None]).cpu().numpy()
+            out[where[lat.cells[mine]]] = grid[lat.bin_of_cell[mine]]
+        return out
+
     # -- masked-region benchmark -------------------------------------------------------------
     @torch.no_grad()
     def masked_region_benchmark(self, device: torch.device) -> dict:
@@ -720,39 +784,32 @@ class PatchMAE(SSLMethod):
         }
 
     # -- downstream --------------------------------------------------------------------------
-    def _domains(self, emb: np.ndarray, data: SpatialDataset) -> tuple[np.ndarray, np.ndarray, dict]:
+    def _domains(self, emb: np.ndarray, data: SpatialDataset) -> tuple[np.ndarray, object, dict]:
+        """(labels, the obs categorical, info): evaluation.domains.cluster_domains on all sections
+        jointly, or on each section alone (``domain_clustering='per_section'``: labels are then
+        named '<section>:<domain>', as the same number means nothing across sections)."""
+        import pandas as pd
+
+        from ..evaluation.domains import cluster_domains, domain_categorical
+
         cfg = self.config
-        K = cfg.eval.n_domains
-        info: dict = {"clustering": cfg.domain_clustering}
-
-        def cluster(X):
-            if K:
-                return kmeans(X, int(K), seed=cfg.seed), {"method": "kmeans", "k": int(K)}
-            try:
-                from ..evaluation.clustering import graph_cluster_search
-            except ImportError:
-                labels, k = gmm_bic(X, seed=cfg.seed)
-                return labels, {"method": "gmm_bic", "k": k}
-            labels, extra = graph_cluster_search(X, None, seed=cfg.seed)
-            return labels, {"method": "leiden", "k": int(len(np.unique(labels))),
-                            "resolution": extra.get("resolution")}
-
+        K, how = cfg.eval.n_domains, cfg.eval.domain_method
         if cfg.domain_clustering == "joint" or data.n_sections == 1:
-            labels, meta = cluster(emb)
-            names = np.array([f"{l}" for l in labels], dtype=object)
-        else:
-            labels = np.zeros(data.n_cells, dtype=np.int64)
-            names = np.empty(data.n_cells, dtype=object)
-            meta = {}
-            for s, sname in enumerate(data.section_names):
-                idx = data.section_indices(s)
-                if len(idx) == 0:
-                    continue
-                lab, meta = cluster(emb[idx])
-                labels[idx] = lab
-                names[idx] = [f"{sname}:{l}" for l in lab]
-        info.update(meta)
-        return labels, names, info
+            labels, meta = cluster_domains(emb, K, seed=cfg.seed, method=how)
+            return labels, domain_categorical(labels), {"scope": "joint", "n_domains": meta["n_domains"],
+                                                        "clustering": meta}
+        labels = np.zeros(data.n_cells, dtype=np.int64)
+        names = np.empty(data.n_cells, dtype=object)
+        per: dict = {}
+        for s, sname in enumerate(data.section_names):
+            idx = data.section_indices(s)
+            if len(idx) == 0:
+                continue
+            lab, per[sname] = cluster_domains(emb[idx], K, seed=cfg.seed, method=how)
+            labels[idx] = lab
+            names[idx] = np.char.add(f"{sname}:", lab.astype(str))
+        return labels, pd.Categorical(names), {"scope": "per_section", "n_domains": int(len(np.unique(names))),
+                                               "clustering": per}
 
     def _reference(self, data: SpatialDataset):
         if getattr(data, "domains", None) is not None:
@@ -782,10 +839,8 @@ class PatchMAE(SSLMethod):
         t0 = time.perf_counter()
         emb = self.embed_cells(device)
         timings = {"embed_seconds": time.perf_counter() - t0}
-        labels, names, info = self._domains(emb, data)
-        import pandas as pd
-
-        res = MethodResults(obsm={f"X_{NAME}": emb}, obs={f"{NAME}_domain": pd.Categorical(names)})
+        labels, categorical, info = self._domains(emb, data)
+        res = MethodResults(obsm={f"X_{NAME}": emb}, obs={f"{NAME}_domain": categorical})
         # the imputation layer is (n_cells x n_genes) dense: only built when eval.reconstruction
         # keeps it (patch-mae masks no cells, so 'masked' / 'auto' on an atlas keep nothing)
         keep = self.config.eval.reconstruction_policy(data.n_cells, self.n_genes) == "all"

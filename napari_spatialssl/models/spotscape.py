@@ -50,7 +50,6 @@ from .losses import (
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-DOMAIN_METHODS = ("auto", "kmeans", "leiden", "gmm")
 EMBEDDING_POSTPROCESS = ("none", "l2", "standardize", "pca")
 
 
@@ -144,8 +143,8 @@ class SpotscapeConfig(TrainConfig):
     proto_k: int | None = None  # None = eval.n_domains, else 10
     proto_tau: float = 0.75
     kmeans_iters: int = 20
-    # domains
-    domain_method: str = "auto"  # auto (kmeans when K known, else leiden) | kmeans | leiden | gmm
+    # domains (how they are clustered: eval.domain_method, the same for every method)
+    RENAMED_FIELDS = {"domain_method": "eval.domain_method"}  # moved to EvalConfig (older model folders)
     # What the domain clustering sees (see postprocess_embedding): "l2" = unit-length rows, the
     # cosine geometry the telescope loss shapes (chosen on 151674 / 151675); "none" = raw.
     embedding_postprocess: str = "l2"
@@ -160,8 +159,6 @@ class SpotscapeConfig(TrainConfig):
         if self.embedding_postprocess not in EMBEDDING_POSTPROCESS:
             raise SpatialDataError(f"spotscape: embedding_postprocess {self.embedding_postprocess!r}; "
                                    f"choose one of {EMBEDDING_POSTPROCESS}.")
-        if self.domain_method not in DOMAIN_METHODS:
-            raise SpatialDataError(f"spotscape: domain_method {self.domain_method!r}; choose one of {DOMAIN_METHODS}.")
 
 
 class _SpMM(torch.autograd.Function):
@@ -361,6 +358,8 @@ class Spotscape(SSLMethod):
 
     name = "spotscape"
     config_class = SpotscapeConfig
+    view_kind = "graph"
+    mask_kind = "genes"  # two augmented views: gene channels masked and edges dropped, for every spot
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -371,18 +370,29 @@ class Spotscape(SSLMethod):
         self._dev_cache: dict = {}
 
     # -- setup ------------------------------------------------------------------------------
+    def graph_radius(self, data: SpatialDataset) -> tuple[float, str]:
+        c = self.config
+        if c.radius is not None:
+            return float(c.radius), "set"
+        radius, med = default_radius(data.coords, data.section, c.radius_factor, c.target_degree)
+        return radius, f"{c.radius_factor:g} x the median distance to the {c.target_degree}th nearest spot ({med:.3g})"
+
     def build_graph(self, data: SpatialDataset) -> CellGraph:
         """The SNN graph of `data` (per slice), radius from the config or derived from spacing."""
         c = self.config
-        if c.radius is not None:
-            radius, med = float(c.radius), None
-        else:
-            radius, med = default_radius(data.coords, data.section, c.radius_factor, c.target_degree)
+        if data.spatial_graph is not None:  # the user's own (squidpy) graph
+            g = data.spatial_graph
+            self.graph_info = {**g.summary(), "radius_rule": "the slide's squidpy graph (obsp['spatial_connectivities'])"}
+            return g
+        radius, rule = self.graph_radius(data)
         g = snn_graph(data.coords, k=c.k_neighbors, radius=radius, section=data.section)
-        self.graph_info = {**g.summary(), "radius": radius, "reference_distance": med,
-                           "radius_source": "config" if c.radius is not None else
-                           f"{c.radius_factor} x median distance to the {c.target_degree}th neighbour"}
+        self.graph_info = {**g.summary(), "radius": radius, "radius_rule": rule}
         return g
+
+    preview_graph = build_graph
+
+    def view_hops(self) -> int:
+        return len(self.config.hidden_dims)  # one hop per GCN layer
 
     def prepare(self, data: SpatialDataset) -> None:
         validate_config(self.config)
@@ -553,6 +563,20 @@ class Spotscape(SSLMethod):
             recon[i:i + block_rows] = self.model.decoder(z[i:i + block_rows])[:, cols].float().cpu().numpy()
         return z.float().cpu().numpy(), recon
 
+    @torch.no_grad()
+    def reconstruct_hidden(self, hidden: np.ndarray, device: torch.device) -> np.ndarray:
+        """(len(hidden), n_genes) the decoder's expression for the `hidden` cells with their whole input
+        zeroed, so that their embeddings come from their graph neighbours alone (what the model puts
+        in a region the user hid), in the preprocessed space."""
+        hidden = np.asarray(hidden, np.int64)
+        keep = np.ones(self.data.n_cells, np.float32)
+        keep[hidden] = 0.0
+        X = self.data.X
+        X = sp.csr_matrix(sp.diags(keep) @ X) if sp.issparse(X) else np.asarray(X) * keep[:, None]
+        self.model.to(device).eval()
+        z = self.model.encode(_to_device_matrix(X, device), GraphTensors(self.graph, device).normalised(), None)
+        return self.model.decoder(z[torch.as_tensor(hidden, device=device)]).float().cpu().numpy()
+
     def _n_domains(self, data: SpatialDataset) -> int | None:
         return self.config.eval.n_domains
 
@@ -562,25 +586,11 @@ class Spotscape(SSLMethod):
 
     def cluster(self, space: np.ndarray) -> tuple[np.ndarray, dict]:
         """Domain labels of the embeddings in the clustering space (:meth:`cluster_space`) and
-        how they were found."""
-        from ..evaluation.clustering import gmm_bic, graph_cluster_search, kmeans
+        how they were found (evaluation.domains.cluster_domains, as for every method)."""
+        from ..evaluation.domains import cluster_domains
 
         c = self.config
-        k = c.eval.n_domains
-        method = c.domain_method
-        if method == "auto":
-            method = "kmeans" if k is not None else "leiden"
-        if method == "kmeans":
-            if k is None:
-                raise SpatialDataError("spotscape: domain_method 'kmeans' needs n_domains (--n-domains K).")
-            return kmeans(space, k, seed=c.seed), {"method": "kmeans", "n_clusters": int(k),
-                                                 "embedding_postprocess": c.embedding_postprocess}
-        if method == "gmm":
-            rng = range(2, 16) if k is None else [k]
-            labels, chosen = gmm_bic(space, rng, seed=c.seed)
-            return labels, {"method": "gmm_bic", "n_clusters": chosen,
-                            "embedding_postprocess": c.embedding_postprocess}
-        labels, info = graph_cluster_search(space, k, seed=c.seed)
+        labels, info = cluster_domains(space, c.eval.n_domains, seed=c.seed, method=c.eval.domain_method)
         return labels, {**info, "embedding_postprocess": c.embedding_postprocess}
 
     def _results(self, data: SpatialDataset, graph: CellGraph, emb: np.ndarray, recon: np.ndarray | None,
@@ -588,18 +598,19 @@ class Spotscape(SSLMethod):
         import pandas as pd
 
         from ..evaluation.clustering import smooth_labels
+        from ..evaluation.domains import domain_categorical
 
         res = MethodResults()
         res.obsm["X_spotscape"] = emb.astype(np.float32)
         if recon is not None:  # None: eval.reconstruction does not keep it (see embed)
             res.layers["spotscape_reconstruction"] = recon.astype(np.float32)
-        names = [f"D{i}" for i in range(int(labels.max()) + 1)]
-        res.obs["spotscape_domain"] = pd.Categorical.from_codes(labels, categories=names)
+        res.obs["spotscape_domain"] = domain_categorical(labels)
         domains: dict = {"clustering": info, "n_domains": int(labels.max()) + 1}
         smoothed = None
         if self.config.smooth_domains and graph.n_edges:
             smoothed = smooth_labels(labels, graph.to_scipy())
-            res.obs["spotscape_domain_smoothed"] = pd.Categorical.from_codes(smoothed, categories=names)
+            res.obs["spotscape_domain_smoothed"] = pd.Categorical.from_codes(
+                smoothed, categories=list(res.obs["spotscape_domain"].categories))
         if data.domains is not None:
             domains.update(_domain_metrics(labels, data))
             if smoothed is not None:
@@ -646,7 +657,7 @@ class Spotscape(SSLMethod):
         mse = float(np.mean((pred - truth) ** 2))
         base = float(np.mean((truth - truth.mean(0, keepdims=True)) ** 2))
         return {"masked_mse": mse, "gene_mean_mse": base, "masked_fraction": float(hidden.mean()),
-                "n_masked_genes": int(hidden.sum())}
+                "n_masked_genes": int(hidden.sum()), "masked_genes": [str(data.gene_names[j]) for j in cols]}
 
     def predict(self, data: SpatialDataset, device: torch.device) -> MethodResults:
         graph = self.build_graph(data)
@@ -682,19 +693,9 @@ class Spotscape(SSLMethod):
 
 
 def _domain_metrics(pred: np.ndarray, data: SpatialDataset) -> dict:
-    """ARI / NMI / Hungarian accuracy overall (labelled spots) and ARI / NMI per section."""
-    from ..evaluation.clustering import domain_scores
+    """ARI / NMI / Hungarian accuracy overall (labelled spots) and per section."""
+    from ..evaluation.domains import score_domains
 
-    truth = data.domains
-    out = domain_scores(pred, truth)
-    if data.n_sections > 1:
-        per = {}
-        for code, name in enumerate(data.section_names):
-            sel = data.section == code
-            if (truth[sel] >= 0).sum() > 1:
-                s = domain_scores(pred[sel], truth[sel])
-                per[name] = {"ari": s["ari"], "nmi": s["nmi"], "accuracy": s["accuracy"]}
-        out["per_section"] = per
-    else:
-        out["per_section"] = {data.section_names[0]: {"ari": out["ari"], "nmi": out["nmi"]}}
+    out = score_domains(pred, data.domains, data.section, data.section_names, data.domain_key)
+    out.pop("reference_key", None)  # recorded once beside the smoothed scores
     return out

@@ -1,0 +1,150 @@
+"""The plugin's Session without a display: open, view, mask, train 2 epochs, stop, results, regions, reopen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_spatialssl._napari.results import RESULTS_META, adopt
+from napari_spatialssl._napari.session import Session, Slide
+from napari_spatialssl._napari.workers import InlineRunner
+from napari_spatialssl.data.io import read_h5ad
+
+TINY = {
+    "gnn-mask": {"hidden_dims": [16, 8], "decoder_hidden": 16, "finetune.epochs": 2},
+    "spotscape": {"hidden_dims": [32, 8], "k_neighbors": 10},
+    "patch-mae": {"patch_size": 8, "patches_per_epoch": 16, "batch_size": 8, "dim": 16, "decoder_dim": 16,
+                  "depth": 1, "eval_mask_repeats": 1, "n_channels": 8, "eval_mask_sizes": [2]},
+}
+
+
+class Recorder:
+    def __init__(self, session):
+        self.events: dict[str, list] = {}
+        for name in ("slide", "settings", "method", "job", "progress", "view", "display", "results", "region",
+                     "message", "busy", "selection"):
+            getattr(session.events, name).connect(lambda *a, n=name: self.events.setdefault(n, []).append(a))
+
+    def last(self, name):
+        return self.events[name][-1]
+
+    def errors(self):
+        return [m for m, level in self.events.get("message", []) if level == "error"]
+
+
+@pytest.fixture(scope="module")
+def osmfish(osmfish_path):
+    return read_h5ad(osmfish_path)
+
+
+def new_session(adata, name="osmfish"):
+    session = Session(InlineRunner())
+    rec = Recorder(session)
+    session.open_slide(Slide.from_adata(adata, name))
+    return session, rec
+
+
+def test_open_sets_keys_and_checks_the_view(osmfish):
+    session, rec = new_session(osmfish)
+    assert session.config().data.label_key == "cell_type"
+    assert "unlabelled" in session.label_summary() and "Excluded" in session.label_summary()
+    view = rec.last("view")[0]
+    assert view.kind == "graph" and view.facts["isolated_fraction"] < 0.3  # the radius follows the slide's spacing
+    assert "radius" in view.summary() and "slide units" in view.summary()
+    assert not rec.errors()
+
+
+def test_settings_are_validated_and_kept_in_one_config(osmfish):
+    session, rec = new_session(osmfish)
+    assert session.set_setting("epochs", 3) and session.config().epochs == 3
+    with pytest.raises(ValueError, match="epochs=0"):
+        session.set_setting("epochs", 0)
+    assert session.config().epochs == 3  # the bad value never reached the config
+    session.set_keys(label_key="region", ignore_labels=["Excluded"])
+    assert all(c.data.label_key == "region" for c in session.configs.values())
+    saved = session.settings_dict()
+    again = Session(InlineRunner())
+    again.restore_settings(saved)
+    assert again.configs["gnn-mask"].epochs == 3
+
+
+def test_previews_for_each_view(osmfish):
+    session, rec = new_session(osmfish)
+    session.preview_view()
+    d = rec.last("display")[0]
+    assert d.specs[0].kind == "vectors" and "edges" in d.specs[0].name
+    session.preview_view(cell=10)
+    assert any("ego-net" in s.name for s in rec.last("display")[0].specs)
+    session.preview_mask()
+    assert "hidden" in rec.last("display")[0].specs[0].name
+    session.set_method("spotscape")
+    session.preview_mask()
+    assert any("dropped" in s.name for s in rec.last("display")[0].specs)
+    session.set_method("patch-mae")
+    session.preview_view()
+    kinds = {s.kind for s in rec.last("display")[0].specs}
+    assert {"shapes", "image"} <= kinds
+    assert not rec.errors(), rec.errors()
+
+
+@pytest.mark.parametrize("method", list(TINY))
+def test_train_two_epochs_results_and_regions(osmfish, method):
+    session, rec = new_session(osmfish)
+    session.set_method(method)
+    session.set_setting("epochs", 2)
+    for k, v in TINY[method].items():
+        session.set_setting(k, v)
+    session.set_keys(domain_key="region")
+    session.set_setting("eval.n_domains", 5)
+    session.train()
+    assert not rec.errors(), rec.errors()
+    assert method in session.results and session.job.kind == "idle"
+    progress = [p[0] for p in rec.events["progress"]]
+    assert any("pretraining: epoch 2 of 2" in p.text for p in progress)
+    shown = rec.last("display")[0]
+    assert shown.specs[0].key == f"result:{method}" and shown.legend is not None  # domains shown at once
+    colours = np.unique(np.round(shown.specs[0].style["face_color"], 3), axis=0)
+    assert len(colours) >= 5  # K distinct colours
+    for what in ("embedding", "error", "cell types" if method == "gnn-mask" else "domains"):
+        session.show(method, what)
+        assert rec.last("display")[0].specs[0].key == f"result:{method}", rec.errors()
+    gene = session.result(method).model_genes()[0]
+    session.show(method, "reconstruction", gene)
+    session.compare(gene)
+    assert any(s.role == "compare" for s in rec.last("display")[0].specs)
+    session.recompute_domains(method, 4)
+    assert session.result(method).adata.obs[f"{method}_domain"].nunique() == 4
+    xy = session.slide.positions
+    lo, hi = np.percentile(xy, 40, axis=0), np.percentile(xy, 55, axis=0)
+    session.inspect_region(method, np.array([[lo[0], lo[1]], [lo[0], hi[1]], [hi[0], hi[1]], [hi[0], lo[1]]]))
+    report = rec.last("region")[0]
+    assert report.method == method and len(report.cells) > 10
+    assert any(s.role == "region" for s in rec.last("display")[0].specs)
+    assert not rec.errors(), rec.errors()
+
+
+def test_stop_keeps_the_model_and_makes_results(osmfish):
+    session, rec = new_session(osmfish)
+    session.set_setting("epochs", 50)
+    for k, v in TINY["gnn-mask"].items():
+        session.set_setting(k, v)
+    session.events.progress.connect(lambda p: session.stop() if "epoch 1 of 50" in p.text else None)
+    session.train()
+    result = session.result("gnn-mask")
+    assert result.train_result.stopped_by_user and result.train_result.epochs_run < 50
+    assert result.has("domains") and not rec.errors()
+
+
+def test_results_survive_a_new_session(osmfish):
+    session, rec = new_session(osmfish)
+    session.set_setting("epochs", 2)
+    for k, v in TINY["gnn-mask"].items():
+        session.set_setting(k, v)
+    session.train()
+    layer_metadata = {"adata": session.slide.adata, RESULTS_META: session.results}
+    again = Session(InlineRunner())
+    again.open_slide(session.slide, adopted=adopt(layer_metadata))
+    assert "gnn-mask" in again.results and again.results["gnn-mask"].trained is not None
+    # a slide opened from disk with results in it: adopted from uns['spatialssl']
+    from_disk = adopt({"adata": session.slide.adata})
+    assert "gnn-mask" in from_disk and from_disk["gnn-mask"].source == "adopted"
