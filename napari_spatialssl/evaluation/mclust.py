@@ -10,7 +10,8 @@ ways.
 
 Differences from R's mclust, stated once: mclust initialises EM from a model-based hierarchical
 agglomeration, this module from k-means (scikit-learn's default), restarted ``n_init`` times and
-the best likelihood kept; mclust's BIC is ``2 log L - p log n`` (higher is better), scikit-learn's
+the best likelihood kept (on the same 20 components the two reach different local optima of the
+same likelihood, either of them the higher one); mclust's BIC is ``2 log L - p log n`` (higher is better), scikit-learn's
 its negative (lower is better): the same choice of K.
 """
 
@@ -90,7 +91,7 @@ def _by_size(labels: np.ndarray) -> np.ndarray:
 
 
 def gmm_domains(embedding: np.ndarray, n_domains: int | None = None, *, n_pcs: int | None = DEFAULT_N_PCS,
-                seed: int = 0, covariance_type: str = EEE, n_init: int = 3,
+                seed: int = 0, covariance_type: str = EEE, n_init: int | None = None,
                 k_range: Iterable[int] = DEFAULT_K_RANGE, max_fit_cells: int | None = DEFAULT_MAX_FIT_CELLS,
                 max_iter: int = 200, reg_covar: float = 1e-6, block_size: int = 1_000_000,
                 return_info: bool = False):
@@ -104,7 +105,10 @@ def gmm_domains(embedding: np.ndarray, n_domains: int | None = None, *, n_pcs: i
     seed : seeds the subsample, PCA and the mixture's k-means initialisation (same seed, same labels).
     covariance_type : "tied" = mclust's EEE (the default of STAGATE and GraphST); any scikit-learn
         type ("full" = VVV, "diag" = VVI, "spherical" = VII) is accepted.
-    n_init : EM restarts; the one with the best likelihood is kept.
+    n_init : EM restarts from seeded k-means starts; the one with the best likelihood is kept.
+        None = 10 with K given, 3 per K in the BIC search. EM's local optima matter: on DLPFC
+        embeddings single starts differ by up to 0.05 ARI, and R's hierarchical start is one more
+        local optimum (sometimes a better, sometimes a worse likelihood; benchmarks/peers.md).
     max_fit_cells : above this many rows, PCA and the mixture (and the BIC search) are fitted on a
         seeded random subsample of this size; every row is then projected and assigned. None = all.
 
@@ -124,12 +128,14 @@ def gmm_domains(embedding: np.ndarray, n_domains: int | None = None, *, n_pcs: i
                                         "spherical": "VII"}.get(covariance_type, covariance_type),
             "n_pcs": int(Z.shape[1]), "n_fit_cells": int(len(fit)), "n_cells": int(n), "seed": int(seed)}
     if n_domains is not None:
+        n_init = 10 if n_init is None else int(n_init)
         k = int(n_domains)
         if not 1 <= k <= len(fit):
             raise ValueError(f"n_domains={n_domains} must lie in 1..{len(fit)} (the number of fitted cells)")
         model = _mixture(k, seed, n_init, covariance_type, max_iter, reg_covar).fit(fit)
         info.update(k=k, criterion="given")
     else:
+        n_init = 3 if n_init is None else int(n_init)
         bics, model, best = {}, None, np.inf
         for k in k_range:
             if k >= len(fit):
@@ -142,6 +148,8 @@ def gmm_domains(embedding: np.ndarray, n_domains: int | None = None, *, n_pcs: i
             raise ValueError(f"no K in k_range fits {len(fit)} cells; pass n_domains")
         info.update(k=int(model.n_components), criterion="bic", bic=bics)
     info["converged"] = bool(model.converged_)
+    info["n_init"] = n_init
+    info["log_likelihood_per_cell"] = float(model.score(fit))
     labels = _by_size(_predict_blocks(model, Z, block_size))
     info["n_domains_found"] = int(labels.max()) + 1
     return (labels, info) if return_info else labels
