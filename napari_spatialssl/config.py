@@ -40,6 +40,22 @@ class TrainConfig:
     # before training, with a setting that fits
     max_memory_gb: float | None = None
 
+    FIELD_DOCS = {
+        "epochs": "Passes over the training batches (pretraining).",
+        "lr": "Learning rate of the AdamW optimiser.",
+        "weight_decay": "AdamW weight decay (shrinks the weights a little at every step).",
+        "seed": "Seed of every random draw (masks, batches, initial weights): the same seed gives the same result.",
+        "device": "Where to train: auto (a GPU when there is one), cpu, cuda or mps.",
+        "amp": "Mixed precision on a CUDA GPU (faster, less memory).",
+        "patience": "Stop early after this many epochs without a better validation loss (0 = never).",
+        "min_delta": "The smallest validation-loss improvement that counts for early stopping.",
+        "grad_clip": "Clip the gradient norm at this value (empty = no clipping).",
+        "log_every": "Steps between progress reports.",
+        "checkpoint_every": "Save resumable training state every this many epochs (0 = only by time).",
+        "checkpoint_minutes": "Also save resumable training state when this many minutes have passed.",
+        "max_memory_gb": "Training memory budget in GB (empty = 90% of what is free when training starts).",
+    }
+
 
 @dataclass
 class DataConfig:
@@ -54,6 +70,16 @@ class DataConfig:
     # graph methods: "auto" trains on a spatial graph the user built with squidpy
     # (obsp['spatial_connectivities']) when the slide has one; "build" always builds the method's own
     graph: str = "auto"
+
+    FIELD_DOCS = {
+        "spatial_key": "obsm key of the cells' (x, y) coordinates.",
+        "coord_columns": "Two obs columns holding x and y, instead of obsm.",
+        "section_key": "obs column naming each cell's section (auto = detect; empty = one section).",
+        "label_key": "obs column of cell types (for fine-tuning, probes and scores).",
+        "ignore_labels": "Label values that mean 'unlabelled', beside NaN, empty, Excluded, Ambiguous, unknown.",
+        "graph": "auto: train on a spatial graph the slide already has (squidpy's obsp['spatial_connectivities']); "
+                 "build: always build the method's own.",
+    }
 
     def validate(self) -> None:
         if self.graph not in ("auto", "build"):
@@ -85,6 +111,18 @@ class EvalConfig:
     domain_method: str = "auto"  # auto (k-means with K, else Leiden search) | kmeans | leiden | gmm
     reconstruction: str = "auto"
     reconstruction_max_values: int = 500_000_000
+
+    FIELD_DOCS = {
+        "train_sections": "Sections used for cell-type fine-tuning (empty = all but the last).",
+        "test_sections": "Held-out sections the fine-tuned model is scored on (never seen in fine-tuning).",
+        "domain_key": "obs column of reference spatial domains, to score the domains against (ARI / NMI).",
+        "n_domains": "Number of spatial domains K (empty = chosen automatically by a Leiden resolution search).",
+        "domain_method": "How domains are clustered from the embeddings: auto (k-means with K, else Leiden), "
+                         "kmeans, leiden, or gmm (the mclust protocol of published methods).",
+        "reconstruction": "Which cells keep their reconstructed expression: all, masked (sparse), none, or auto "
+                          "(all unless the slide is very large).",
+        "reconstruction_max_values": "auto keeps every cell's reconstruction up to this many cell x gene values.",
+    }
 
     def validate(self) -> None:
         from .evaluation.domains import DOMAIN_METHODS
@@ -379,3 +417,45 @@ def validate_config(cfg, prefix: str = ""):
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+# -- settings in words (the widget's forms) --------------------------------------------------------
+
+DATA_KEYS = ("data.spatial_key", "data.coord_columns", "data.section_key", "data.label_key", "data.ignore_labels",
+             "eval.domain_key")  # set from the slide (the Data panel), not in the method's forms
+
+
+def field_doc(cls, name: str) -> str:
+    """The documentation of setting `name` of config class `cls` (its ``FIELD_DOCS``, or a parent's)."""
+    for klass in getattr(cls, "__mro__", (cls,)):
+        doc = getattr(klass, "FIELD_DOCS", {}).get(name)
+        if doc:
+            return doc
+    return ""
+
+
+def describe_settings(cfg, prefix: str = "") -> list[tuple[str, object, object, str]]:
+    """(dotted name, value, annotated type, documentation) of every scalar or list setting of `cfg`."""
+    hints = typing.get_type_hints(type(cfg))
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out += describe_settings(value, name + ".")
+        else:
+            out.append((name, value, hints.get(f.name), field_doc(type(cfg), f.name)))
+    return out
+
+
+def panel_settings(cfg, panel: str) -> tuple[list, list]:
+    """(basic, advanced) settings of a method's config for one panel: the config's ``PANELS[panel]`` in
+    order, and (for the 'view' panel) every other setting no panel shows."""
+    every = {d[0]: d for d in describe_settings(cfg)}
+    panels = getattr(type(cfg), "PANELS", {})
+    basic = [every[n] for n in panels.get(panel, ()) if n in every]
+    if panel != "view":
+        return basic, []
+    shown = {n for names in panels.values() for n in names} | set(DATA_KEYS)
+    advanced = [d for n, d in every.items() if n not in shown]
+    return basic, advanced

@@ -35,6 +35,16 @@ class MaskConfig:
     region_size: int = 4
     n_regions: int = 1
 
+    FIELD_DOCS = {
+        "strategy": "What the pretext task hides: random cells, whole cell types, spatial niches (a cell and "
+                    "its neighbours), square regions of a patch, or gene channels.",
+        "ratio": "Share of cells (or of tokens / gene entries) hidden at every training step.",
+        "cell_types": "The cell types hidden entirely (strategy cell_types).",
+        "niche_hops": "How many graph hops around each seed cell a niche covers (strategy niches).",
+        "region_size": "Side of each hidden square, in bins (strategy regions).",
+        "n_regions": "Hidden squares per patch (strategy regions).",
+    }
+
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise SpatialDataError(f"mask strategy {self.strategy!r} unknown; choose one of {STRATEGIES}.")

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 import anndata as ad
 
+from napari_spatialssl._napari import genes as G
 from napari_spatialssl._napari import layers as L
 from napari_spatialssl._napari.reader import get_reader, read_slide, read_slides
 from napari_spatialssl.data.io import SpatialDataError, get_coordinates
@@ -259,21 +260,21 @@ def test_gene_expression_is_log_normalised():
     a = _adata(n=20)
     X = a.X.toarray()
     expected = np.log1p(X[:, 2] / X.sum(1) * 1e4)
-    got = L.gene_expression(a, ["g2"])[:, 0]
+    got = G.gene_expression(a, ["g2"])[:, 0]
     np.testing.assert_allclose(got, np.nan_to_num(expected), rtol=1e-5)
     with pytest.raises(SpatialDataError, match=r"gene\(s\) \['nope'\] not in var_names"):
-        L.gene_expression(a, ["nope"])
+        G.gene_expression(a, ["nope"])
 
 
 def test_gene_image_bins_align_with_points():
     a = ad.AnnData(np.array([[1, 0], [3, 1], [0, 5]], dtype=np.float32),
                    var=pd.DataFrame(index=["ga", "gb"]))
     a.obsm["spatial"] = np.array([[0.0, 0.0], [2.0, 0.5], [25.0, 12.0]])  # (x, y)
-    layers = L.gene_image_layers(a, ["ga", "gb"], bin_size=10.0)
+    layers = G.gene_image_layers(a, ["ga", "gb"], bin_size=10.0)
     assert len(layers) == 2
     img, kw, kind = layers[0]
     assert kind == "image" and img.shape == (2, 3)  # rows over y (0..12), cols over x (0..25)
-    expr = L.gene_expression(a, ["ga"])[:, 0]
+    expr = G.gene_expression(a, ["ga"])[:, 0]
     assert img[0, 0] == pytest.approx(expr[:2].mean())  # two cells share bin (0, 0)
     assert img[1, 2] == pytest.approx(expr[2])
     assert img[0, 1] == 0 and img[1, 0] == 0
@@ -282,7 +283,7 @@ def test_gene_image_bins_align_with_points():
     assert np.all(np.abs(centre - [12.0, 25.0]) <= 5.0)
     assert kw["blending"] == "additive" and layers[1][1]["colormap"] != kw["colormap"]
     with pytest.raises(SpatialDataError, match="bin size"):
-        L.gene_image_layers(a, ["ga"], bin_size=0)
+        G.gene_image_layers(a, ["ga"], bin_size=0)
 
 
 # ---------------------------------------------------------------------------------------------- real data

@@ -17,6 +17,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 
 napari = pytest.importorskip("napari")
 
+from napari_spatialssl._napari import genes as G  # noqa: E402
 from napari_spatialssl._napari import layers as L  # noqa: E402
 from napari_spatialssl._napari.sample_data import sample_path  # noqa: E402
 
@@ -98,18 +99,18 @@ def test_colour_by_gene_feature_and_gene_image(make_napari_viewer):
     (layer,) = viewer.open(str(sample_path("starmap")), plugin="napari-spatialssl")
     adata = layer.metadata["adata"]
     gene = str(adata.var_names[np.argmax(np.asarray((adata.X > 0).sum(axis=0)).ravel())])
-    col = L.color_by_gene(layer, gene)
+    col = G.color_by_gene(layer, gene)
     values = layer.features[col].to_numpy()
-    np.testing.assert_allclose(values, L.gene_expression(adata, [gene])[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(values, G.gene_expression(adata, [gene])[:, 0], rtol=1e-5)
     lo, hi = layer.face_contrast_limits
     assert lo < hi <= values.max() + 1e-6
     assert len(np.unique(layer.face_color, axis=0)) > 20  # a colormap, not one colour
 
-    L.color_by_feature(layer, "layer")  # the manual cortical layer annotation
+    G.color_by_feature(layer, "layer")  # the manual cortical layer annotation
     assert len(np.unique(layer.face_color, axis=0)) == adata.obs["layer"].nunique()
 
     genes = [str(g) for g in adata.var_names[:2]]
-    for data, kwargs, kind in L.gene_image_layers(layer, genes, bin_size=200.0):
+    for data, kwargs, kind in G.gene_image_layers(layer, genes, bin_size=200.0):
         img = viewer.add_image(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
         assert img.data.shape[0] > 5 and img.data.max() > 0
         # the image covers the points (same layout, same units): the first and last bin centres lie

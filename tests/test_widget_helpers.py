@@ -56,10 +56,19 @@ def test_overlay_values():
     emb = rng.normal(size=(300, 8))
     rgb = overlays.pca_rgb(emb)
     assert rgb.shape == (300, 4) and rgb.min() >= 0 and rgb.max() <= 1 and (rgb[:, 3] == 1).all()
-    cols, legend = overlays.category_colors(np.array(["b", "a", None, "b"], dtype=object))
-    assert list(legend) == ["a", "b"] and np.allclose(cols[0], legend["b"]) and np.allclose(cols[2],
-                                                                                            overlays.UNKNOWN_COLOR)
-    assert len({tuple(c) for c in overlays.palette(25)}) == 25
+    from napari_spatialssl._napari.displays import UNKNOWN_RGBA, categorical_colors, matched_names, natural_key
+
+    cols, legend = categorical_colors(np.array(["b", "a", None, "b", "Excluded", "10", "2"], dtype=object))
+    names = [name for name, _, _ in legend]
+    assert names == ["2", "10", "a", "b", "Excluded"]  # natural order
+    table = {name: rgba for name, rgba, _ in legend}
+    assert np.allclose(cols[0], table["b"]) and np.allclose(cols[2], UNKNOWN_RGBA) and np.allclose(cols[4], UNKNOWN_RGBA)
+    many, lg = categorical_colors(np.arange(25).astype(str))
+    assert len({tuple(np.round(r, 4)) for _, r, _ in lg}) == 25 and all(not np.allclose(r, UNKNOWN_RGBA) for _, r, _ in lg)
+    named, lg = categorical_colors(np.array(["x", "y"]), {"x": "#ff0000"})
+    assert np.allclose(named[0], [1, 0, 0, 1])  # uns['<key>_colors'] honoured
+    assert matched_names(["0", "0", "1", "1"], ["L2", "L2", "L1", "L1"]) == {"0": "L2", "1": "L1"}
+    assert sorted(["L10", "L2", "L1"], key=natural_key) == ["L1", "L2", "L10"]
 
     obs = sp.random(300, 5, density=0.3, format="csr", random_state=0, dtype=np.float32)
     rec = rng.normal(size=(300, 7)).astype(np.float32)

@@ -72,7 +72,7 @@ def test_readme_screenshots(make_napari_viewer, starmap_path, tmp_path, monkeypa
     viewer.reset_view()
     _shot(viewer, "masking")
 
-    from napari_spatialssl._napari.layers import color_by_feature
+    from napari_spatialssl._napari.genes import color_by_feature
 
     color_by_feature(viewer.layers[slide], "cell_type")
     # 4 Train: a short real run, loss curve

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.io import SpatialDataError
-from . import displays, previews
+from . import displays, previews, result_actions
 from .progress import ProgressTracker, finished_text
 
 
@@ -22,6 +22,40 @@ def _method(session, name: str | None = None):
     from ..models.base import get_method_class
 
     return get_method_class(name or session.method)(session.config(name))
+
+
+# -- the slide ------------------------------------------------------------------------------------
+
+def _read_job(path):
+    from .reader import read_slides
+
+    return read_slides(str(path))
+
+
+def open_file(session, path):
+    """Read a slide off the main thread; each layer it gives is added (and the first worked on)."""
+    def done(layers):
+        for layer_data in layers[:1]:
+            session.events.layer_data.emit(layer_data)
+    session.side_job(f"reading {Path(path).name}", _read_job, (path,), done, channel="read")
+
+
+def show_gene(session, gene: str):
+    """The measured (log-normalised) expression of a gene over the tissue."""
+    slide = session.require_slide()
+
+    def job():
+        from .genes import gene_expression
+
+        if gene not in set(map(str, slide.adata.var_names)):
+            raise SpatialDataError(f"gene {gene!r} is not in this slide; pick one from the list.")
+        values = gene_expression(slide.adata, [gene], slide.shown)[:, 0]
+        rgba, lim = displays.continuous_colors(values, "magma")
+        spec = displays.points_spec("measured", f"{gene} measured (log-normalised)", slide.positions[slide.shown],
+                                    rgba, slide.point_size, slide.shown, extra={f"{gene} (log-norm)": values})
+        return displays.Display([spec], top=spec.key, colorbar=("magma", *lim, f"{gene} (log-normalised)"),
+                                text=f"{gene}: measured expression, log-normalised.")
+    session.side_job(f"colouring by {gene}", job, (), session.events.display.emit)
 
 
 # -- the view and its previews -------------------------------------------------------------------
@@ -34,7 +68,7 @@ def check_view(session):
 
     method, cfg = session.method, copy.deepcopy(session.config())
     session.side_job(f"checking the {method} view", lambda g: preflight(method, cfg, g),
-                     (session.geometry(cfg),), session.events.view.emit)
+                     (session.geometry(cfg),), session.events.view.emit, channel="view")
 
 
 def _graph(session, cfg, method):
@@ -143,7 +177,7 @@ def train(session):
     def done(output):
         result = session.adopt_output(output)
         session.say(finished_text(output) + " Results are on the tissue (Results).")
-        show(session, method, "domains" if result.has("domains") else "embedding")
+        result_actions.show(session, method, "domains" if result.has("domains") else "embedding")
 
     _main_job(session, "training", f"Training {method} on {slide.adata.n_obs:,} cells…", _train_job,
               (pipeline, slide.adata, slide.name), done, on_event)
@@ -186,138 +220,10 @@ def load_model(session, folder):
         session.events.settings.emit(output.method.name)
         session.adopt_output(output)
         session.say(finished_text(output))
-        show(session, output.method.name, "domains")
+        result_actions.show(session, output.method.name, "domains")
 
     _main_job(session, "predicting", f"Applying the model in {folder} to '{slide.name}'…", _predict_job,
               (slide.adata, str(folder), session.config().device, slide.name), done)
-
-
-# -- results -------------------------------------------------------------------------------------------
-
-def _reference_key(session, result) -> str | None:
-    cfg = session.config(result.method) if result.method in session.configs else session.config()
-    for key in (cfg.eval.domain_key, cfg.data.label_key):
-        if key and key in result.adata.obs.columns:
-            return key
-    return None
-
-
-def show(session, method: str, what: str, gene: str | None = None):
-    slide = session.require_slide()
-    result = session.result(method)
-    ref = _reference_key(session, result) if what != "cell types" else session.config(method).data.label_key
-    session.shown = (method, what, gene)
-    session.side_job(f"colouring {method} {what}",
-                     lambda: displays.result_layer(slide, result, what, gene, reference_key=ref), (),
-                     session.events.display.emit)
-
-
-def _measured(session, results, gene: str) -> np.ndarray:
-    for r in results:
-        values = r.observed(gene)
-        if values is not None:
-            return values
-    from .layers import gene_expression
-
-    return gene_expression(session.require_slide().adata, [gene])[:, 0]
-
-
-def compare(session, gene: str, methods: list[str] | None = None):
-    slide = session.require_slide()
-    results = [session.result(m) for m in (methods or [m for m in session.methods if m in session.results])]
-    results = [r for r in results if r.has("reconstruction")]
-    if not results:
-        raise SpatialDataError("no reconstruction to compare yet: train a method first.")
-    session.side_job(f"comparing {gene}", lambda: displays.compare_layers(slide, results, gene,
-                                                                          _measured(session, results, gene)),
-                     (), session.events.display.emit)
-
-
-def _cluster_job(result, n_domains, domain_method, seed, reference, section, section_names, reference_key):
-    from ..evaluation.domains import cluster_domains, domain_categorical, score_domains
-
-    labels, info = cluster_domains(result.embedding(), n_domains, seed=seed, method=domain_method)
-    scores = score_domains(labels, reference, section, section_names, reference_key)
-    return domain_categorical(labels), {"n_domains": info["n_domains"], "clustering": info, **scores}
-
-
-def recompute_domains(session, method: str, n_domains: int | None, domain_method: str = "auto"):
-    from ..data.io import label_codes
-
-    result = session.result(method)
-    cfg = session.config(method)
-    ref_key = _reference_key(session, result)
-    reference = label_codes(result.adata, ref_key, cfg.data.ignore_labels)[0] if ref_key else None
-    geometry = session.geometry(cfg)
-
-    def done(value):
-        categorical, metrics = value
-        result.adata.obs[f"{method}_domain"] = categorical
-        result.metrics["domains"] = metrics
-        session.events.results.emit(method)
-        session.say(f"{method}: {metrics['n_domains']} spatial domains ({metrics['clustering']['method']}).")
-        show(session, method, "domains")
-
-    session.side_job(f"clustering {method} domains", _cluster_job,
-                     (result, n_domains, domain_method, cfg.seed, reference, geometry.section,
-                      geometry.section_names, ref_key), done)
-
-
-def _region_job(trained, cells, device, gene, slide, polygon):
-    from ..evaluation.regions import inspect_region as inspect
-    from ..training import resolve_device
-    from .overlays import column
-
-    report = inspect(trained, cells, resolve_device(device))
-    if gene not in report.genes:
-        spread = report.observed.var(0)
-        gene = report.genes[int(np.argmax(spread))]
-    measured = column(trained.data.X, report.genes.index(gene))
-    return report, displays.region_layers(slide, report, gene, polygon, measured), gene
-
-
-def inspect_region(session, method: str, polygon: np.ndarray, gene: str | None = None):
-    from ..evaluation.regions import cells_in_polygon
-
-    slide = session.require_slide()
-    result = session.result(method)
-    if result.trained is None or getattr(result.trained, "data", None) is None:
-        raise SpatialDataError(f"{method}: inspecting a region needs its trained model in this session: train it "
-                               "(or load its model and predict) first.")
-    polygon = np.asarray(polygon, np.float64)
-
-    def job():
-        cells = cells_in_polygon(slide.positions, polygon)
-        return _region_job(result.trained, cells, session.config(method).device, gene, slide, polygon)
-
-    def done(value):
-        report, display, chosen = value
-        session.region_report = (report, polygon)
-        session.events.region.emit(report)
-        session.events.display.emit(display)
-        s = report.summary()
-        session.say(f"{method}: {s['cells']:,} cells hidden and predicted; showing {chosen}. MSE model "
-                    f"{s['model']['mse']:.3g} vs neighbour mean {s['neighbour mean']['mse']:.3g} and interpolation "
-                    f"{s['interpolation']['mse']:.3g}.")
-
-    session.side_job(f"hiding the region from {method}", job, (), done)
-
-
-def show_region_gene(session, gene: str):
-    if session.region_report is None:
-        raise SpatialDataError("draw a region and inspect it first.")
-    report, polygon = session.region_report
-    slide = session.require_slide()
-    trained = session.result(report.method).trained
-
-    def job():
-        from .overlays import column
-
-        if gene not in report.genes:
-            raise SpatialDataError(f"gene {gene!r} is not among the model's genes.")
-        return displays.region_layers(slide, report, gene, polygon, column(trained.data.X, report.genes.index(gene)))
-
-    session.side_job(f"showing {gene} in the region", job, (), session.events.display.emit)
 
 
 # -- export -------------------------------------------------------------------------------------------

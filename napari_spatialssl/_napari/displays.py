@@ -27,6 +27,8 @@ from ..data.io import SpatialDataError
 UNKNOWN_RGBA = np.array([0.45, 0.45, 0.45, 1.0], np.float32)
 MISSING_RGBA = np.array([0.25, 0.25, 0.25, 1.0], np.float32)
 PANEL_GAP = 0.08
+RING = np.array([0.95, 0.95, 0.95, 0.9], np.float32)  # masked / hidden cells' outline
+RING_WIDTH = 0.12  # relative to the point size: visible when zoomed in, not a white blanket at overview
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Display:
     legend: tuple[str, list] | None = None  # (title, [(label, rgba, count)])
     colorbar: tuple[str, float, float, str] | None = None  # (colormap, lo, hi, label)
     text: str = ""
+    dim_slide: bool | None = None  # previews: the slide layer fades so the view stands out; None = as it is
 
 
 def natural_key(text) -> list:
@@ -182,11 +185,11 @@ def result_layer(slide, result, what: str, gene: str | None = None, *, reference
         title = f"{m} {what}" + (f" (coloured as the matching '{reference_key}' class)" if named and what == "domains"
                                  else "")
         legend = (title, legend_items)
-        label = f"{m}: {'spatial domains' if what == 'domains' else 'predicted cell types'} ({n})"
+        label = f"{m} {'domains' if what == 'domains' else 'cell types'} ({n})"
         extra[what] = pd.Categorical(values[rows].astype(str))
     elif what == "embedding":
         rgba = pca_rgb(result.embedding())[rows]
-        label = f"{m}: embedding (first 3 principal components as RGB)"
+        label = f"{m} embedding (PCs 1-3 as RGB)"
     elif what == "error":
         data = getattr(result.trained, "data", None)
         if data is None or not result.has("reconstruction"):
@@ -199,7 +202,7 @@ def result_layer(slide, result, what: str, gene: str | None = None, *, reference
             err[~kept] = np.nan
         rgba, lim = continuous_colors(err[rows], "viridis")
         colorbar = ("viridis", *lim, "reconstruction MSE per cell (model space)")
-        label = f"{m}: reconstruction error per cell"
+        label = f"{m} error per cell"
         extra["reconstruction MSE"] = err[rows]
     elif what == "reconstruction":
         if not gene:
@@ -207,12 +210,12 @@ def result_layer(slide, result, what: str, gene: str | None = None, *, reference
         values = result.reconstruction(gene)
         rgba, lim = continuous_colors(values[rows], "magma")
         colorbar = ("magma", *lim, f"{gene} reconstructed (model space)")
-        label = f"{m}: {gene} reconstructed"
+        label = f"{m} {gene} reconstructed"
         masked = result.masked()
         if masked is not None and masked.any():
-            border = np.where(masked[rows, None], np.array([1, 1, 1, 1], np.float32), rgba)
-            bw = np.where(masked[rows], 0.35, 0.0)
-            label += f" (masked cells ringed white: {int(masked.sum()):,})"
+            border = np.where(masked[rows, None], RING, rgba)
+            bw = np.where(masked[rows], RING_WIDTH, 0.0)
+            label += f" ({int(masked.sum()):,} masked ringed)"
         extra[f"{gene} reconstructed"] = values[rows]
     else:
         raise SpatialDataError(f"unknown result view {what!r}.")
@@ -230,51 +233,63 @@ def panel_offsets(positions: np.ndarray, n: int) -> list[tuple[float, float]]:
 def label_spec(key: str, texts: list[str], anchors: np.ndarray, role: str) -> LayerSpec:
     """Panel titles: invisible points carrying text, above each panel."""
     feats = pd.DataFrame({"title": texts})
-    style = {"size": 0.0, "text": {"string": "{title}", "color": "white", "size": 12, "anchor": "lower_left"},
+    style = {"size": 0.0, "text": {"string": "{title}", "color": "white", "size": 11, "anchor": "lower_left"},
              "face_color": np.zeros((len(texts), 4), np.float32), "border_width": 0.0}
     return LayerSpec(key, "points", f"{role} titles", np.asarray(anchors, np.float64), style, feats,
                      {"spatialssl_role": role}, role)
 
 
+def _panels_spec(key: str, name: str, parts: list, size: float, role: str, method: str | None) -> LayerSpec:
+    """One Points layer holding several panels: parts = [(positions, rgba, rows, border, border_width, panel)]."""
+    pos = np.concatenate([p[0] for p in parts])
+    rgba = np.concatenate([p[1] for p in parts])
+    rows = np.concatenate([p[2] for p in parts])
+    border = np.concatenate([p[3] for p in parts])
+    width = np.concatenate([np.broadcast_to(np.asarray(p[4], np.float32), (len(p[0]),)) for p in parts])
+    panel = np.concatenate([np.full(len(p[0]), p[5], dtype=object) for p in parts])
+    return points_spec(key, name, pos, rgba, size, rows, role=role, method=method,
+                       extra={"panel": pd.Categorical(panel)}, border=border, border_width=width)
+
+
 def compare_layers(slide, results: list, gene: str, measured: np.ndarray) -> Display:
     """The measured expression of `gene` beside each method's reconstruction of it, on one colour
-    scale, masked cells ringed (gnn-mask), masked genes / regions said in the panel titles."""
+    scale, in one layer: masked cells ringed (gnn-mask), masked genes / regions said in the titles."""
     rows = slide.shown
     pos = slide.positions[rows]
     panels = [("measured", measured)] + [(r.method, r.reconstruction(gene)) for r in results]
     finite = np.concatenate([np.asarray(v)[rows][np.isfinite(np.asarray(v)[rows])] for _, v in panels])
     lim = robust_limits(finite)
     offsets = panel_offsets(pos, len(panels))
-    specs, titles = [], []
+    parts, titles = [], []
     for i, ((what, values), off) in enumerate(zip(panels, offsets)):
         rgba, _ = continuous_colors(np.asarray(values)[rows], "magma", lim)
-        border, bw, note = None, 0.0, ""
+        border, bw, note = rgba, np.zeros(len(rows), np.float32), ""
         res = results[i - 1] if i else None
         if res is not None:
             masked = res.masked()
             if masked is not None and masked.any():
-                border = np.where(masked[rows, None], np.array([1, 1, 1, 1], np.float32), rgba)
-                bw, note = np.where(masked[rows], 0.35, 0.0), " (masked cells ringed)"
+                border = np.where(masked[rows, None], RING, rgba)
+                bw, note = np.where(masked[rows], RING_WIDTH, 0.0).astype(np.float32), ", masked ringed"
             elif res.method == "spotscape":
                 hidden = res.eval_masked_genes()
-                note = f" ({gene} {'was' if gene in hidden else 'was not'} among the masked genes)" if hidden else ""
+                note = (", a masked gene" if gene in hidden else ", not masked") if hidden else ""
             elif res.method == "patch-mae":
-                note = " (each bin from its neighbours only)"
-        title = f"{gene} measured" if not i else f"{what}: {gene} reconstructed{note}"
-        specs.append(points_spec(f"compare:{i}", title, pos, rgba, slide.point_size, rows, role="compare",
-                                 method=None if not i else what, border=border, border_width=bw, translate=off))
-        titles.append(title)
+                note = ", from neighbours only"
+        titles.append(f"{gene} measured" if not i else f"{what}{note}")
+        parts.append((pos + np.array(off), rgba, rows, border, bw, titles[-1]))
+    spec = _panels_spec("compare:panels", f"{gene}: measured | " + " | ".join(r.method for r in results), parts,
+                        slide.point_size, "compare", None)
     top_left = np.array([pos[:, 0].min(), pos[:, 1].min()])
     anchors = np.array([top_left + np.array(off) for off in offsets]) - [0.02 * np.ptp(pos[:, 0]), 0]
-    specs.append(label_spec("compare:titles", titles, anchors, "compare"))
-    return Display(specs, top="compare:0", colorbar=("magma", *lim, f"{gene} (model space)"),
-                   text=f"{gene}: measured and reconstructed side by side, one colour scale.")
+    return Display([spec, label_spec("compare:titles", titles, anchors, "compare")], top="compare:panels",
+                   colorbar=("magma", *lim, f"{gene} (model space)"),
+                   text=f"{gene}: measured, then each method's reconstruction, side by side on one colour scale.")
 
 
 def region_layers(slide, report, gene: str, polygon: np.ndarray, measured_all: np.ndarray) -> Display:
-    """Measured, model and baselines for `gene` in a hidden region, as panels of the region's
-    surroundings (outside: measured; inside: each prediction), one colour scale, the hidden cells
-    outlined; `measured_all` is the gene's model-space value for every cell of the slide."""
+    """Measured, model and baselines for `gene` in a hidden region: four enlarged panels of the region's
+    surroundings beside the tissue (outside: measured; inside: each prediction; hidden cells outlined),
+    one colour scale, in one layer; the region outlined on the tissue."""
     values = report.gene(gene)
     cells = report.cells
     pos_all = slide.positions
@@ -285,31 +300,32 @@ def region_layers(slide, report, gene: str, polygon: np.ndarray, measured_all: n
     inside[cells] = True
     order = ["measured", "model", "neighbour mean", "interpolation"]
     lim = robust_limits(np.concatenate([values[k] for k in order] + [np.asarray(measured_all)[near]]))
-    width = float(np.ptp(pos_all[near][:, 1])) if len(near) else 1.0
-    start = float(pos_all[:, 1].max() - pos_all[near][:, 1].min()) + float(np.ptp(pos_all[:, 1])) * PANEL_GAP
+    box_lo, box = pos_all[near].min(0), np.ptp(pos_all[near], axis=0)
+    tissue_lo, tissue = pos_all.min(0), np.ptp(pos_all, axis=0)
+    scale = 0.45 * tissue[0] / max(float(box.max()), 1e-9)  # each panel about half the tissue's height
+    step = box * scale * np.array([1.3, 1 + PANEL_GAP])  # rows leave room for the titles
+    origin = np.array([tissue_lo[0], tissue_lo[1] + tissue[1] * (1 + PANEL_GAP)])
     row = report.per_gene.set_index("gene").loc[gene]
-    ring = np.array([1, 1, 1, 1], np.float32)
-    specs, titles, anchors = [], [], []
+    parts, titles, anchors = [], [], []
     for i, what in enumerate(order):
         v = np.asarray(measured_all, np.float32).copy()
         v[cells] = values[what]
         rgba, _ = continuous_colors(v[near], "magma", lim)
-        off = (0.0, start + i * width * (1 + PANEL_GAP))
-        title = what if what == "measured" else f"{what}: MSE {row[f'{what} mse']:.3g}, r {row[f'{what} r']:.2f}"
-        specs.append(points_spec(f"region:{i}", f"region {gene}: {title}", pos_all[near], rgba, slide.point_size,
-                                 near, role="region", method=report.method,
-                                 border=np.where(inside[near, None], ring, rgba),
-                                 border_width=np.where(inside[near], 0.15, 0.0), translate=off))
-        titles.append(title)
-        anchors.append([pos_all[near][:, 0].min() - 0.04 * np.ptp(pos_all[near][:, 0]),
-                        pos_all[near][:, 1].min() + off[1]])
-    specs.append(label_spec("region:titles", titles, np.array(anchors), "region"))
-    specs.append(LayerSpec("region:outline", "shapes", "region hidden from the model", [np.asarray(polygon)],
-                           {"shape_type": "polygon", "edge_color": "white", "face_color": "transparent",
-                            "edge_width": max(float(slide.point_size) * 0.3, 1e-6)}, None,
-                           {"spatialssl_role": "region"}, "region"))
+        corner = origin + np.array([(i // 2) * step[0], (i % 2) * step[1]])
+        pos = (pos_all[near] - box_lo) * scale + corner
+        border = np.where(inside[near, None], RING, rgba)
+        bw = np.where(inside[near], RING_WIDTH, 0.0).astype(np.float32)
+        titles.append(what if what == "measured" else f"{what}\nMSE {row[f'{what} mse']:.3g}, r {row[f'{what} r']:.2f}")
+        parts.append((pos, rgba, near, border, bw, what))
+        anchors.append(corner - [0.03 * tissue[0], 0])
+    spec = _panels_spec("region:panels", f"region: {gene} measured | model | baselines", parts,
+                        slide.point_size * scale, "region", report.method)
+    outline = LayerSpec("region:outline", "shapes", "region hidden from the model", [np.asarray(polygon)],
+                        {"shape_type": "polygon", "edge_color": "white", "face_color": "transparent",
+                         "edge_width": max(float(slide.point_size) * 0.3, 1e-6)}, None,
+                        {"spatialssl_role": "region"}, "region")
     s = report.summary()
     text = (f"{report.method}: {s['cells']:,} cells hidden; MSE model {s['model']['mse']:.3g}, neighbour mean "
             f"{s['neighbour mean']['mse']:.3g}, interpolation {s['interpolation']['mse']:.3g} (all genes, model space).")
-    return Display(specs, top="region:0", hide_roles=("compare", "region"), colorbar=("magma", *lim, gene),
-                   text=text)
+    return Display([spec, label_spec("region:titles", titles, np.array(anchors), "region"), outline],
+                   top="region:panels", hide_roles=("compare", "region"), colorbar=("magma", *lim, gene), text=text)

@@ -14,40 +14,6 @@ import scipy.sparse as sp
 
 CHUNK_ROWS = 65_536
 
-# 20 distinguishable colours (matplotlib tab20 reordered: dark shades first), then golden-ratio hues.
-_TAB20 = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-    "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
-]
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 4) RGBA colours in [0, 1]; distinct for the first 20, then spread over hues."""
-    from matplotlib.colors import hsv_to_rgb, to_rgba
-
-    base = [to_rgba(c) for c in _TAB20[:n]]
-    extra = n - len(base)
-    if extra > 0:
-        hues = (np.arange(extra) * 0.618033988749895) % 1.0
-        rgb = hsv_to_rgb(np.stack([hues, np.full(extra, 0.65), np.full(extra, 0.9)], 1))
-        base += [tuple(c) + (1.0,) for c in rgb]
-    return np.asarray(base, dtype=np.float32).reshape(n, 4)
-
-
-UNKNOWN_COLOR = np.array([0.5, 0.5, 0.5, 0.35], dtype=np.float32)
-
-
-def category_colors(values) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-cell RGBA for a categorical column and its legend {category: RGBA}; missing values grey."""
-    cat = pd.Categorical(values)
-    names = [str(c) for c in cat.categories]
-    pal = palette(len(names))
-    codes = np.asarray(cat.codes)
-    colors = np.where((codes >= 0)[:, None], pal[np.maximum(codes, 0)], UNKNOWN_COLOR)
-    return colors.astype(np.float32), dict(zip(names, pal))
-
-
 def pca(embeddings: np.ndarray, n_components: int) -> np.ndarray:
     """The first principal components of the rows (centred SVD; fitted on <= 50k rows)."""
     X = np.asarray(embeddings, dtype=np.float64)

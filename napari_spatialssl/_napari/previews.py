@@ -133,13 +133,13 @@ def graph_preview(slide, graph, report, cell: int | None = None, hops: int = 1):
     specs = []
     src, dst = sample_edges(graph, PREVIEW_EDGE_SAMPLE, np.random.default_rng(0))
     specs.append(_vectors_spec("preview:edges", f"view: {len(src):,} of {graph.n_edges // 2:,} edges",
-                               edge_vectors(pos, src, dst), "#f0f0f0", size * 0.08))
+                               edge_vectors(pos, src, dst), "#f0f0f0", size * 0.15))
     text = report.summary() if report is not None else ""
     if cell is not None:
         members = egonet_members(graph, int(cell), hops)
         s2, d2 = edges_of(graph, members)
         specs.append(_vectors_spec("preview:ego-edges", f"view: edges of cell {cell}'s {hops}-hop ego-net",
-                                   edge_vectors(pos, s2, d2), "#ffd84d", size * 0.12))
+                                   edge_vectors(pos, s2, d2), "#ffd84d", size * 0.25))
         rgba = np.tile(np.array([[0.2, 0.9, 1.0, 1.0]], np.float32), (len(members), 1))
         rgba[members == cell] = (1.0, 0.2, 0.6, 1.0)
         spec = points_spec("preview:ego-net", f"view: {hops}-hop ego-net of cell {cell} ({len(members):,} cells)",
@@ -219,7 +219,7 @@ def cell_mask_preview(slide, mask: np.ndarray, strategy: str):
 
     idx = np.flatnonzero(mask)
     rgba = np.tile(np.array([[1.0, 0.25, 0.25, 0.95]], np.float32), (len(idx), 1))
-    spec = points_spec("preview:mask", f"mask preview: {len(idx):,} of {len(mask):,} cells hidden ({strategy})",
+    spec = points_spec("preview:mask-cells", f"mask preview: {len(idx):,} of {len(mask):,} cells hidden ({strategy})",
                        slide.positions[idx], rgba, slide.point_size * 1.3, idx, role="preview")
     text = (f"'{strategy}' hides {len(idx):,} of {len(mask):,} cells ({mask.mean():.1%}), in red. Training draws a "
             "new mask every step; this is the first draw with the training seed.")
@@ -236,10 +236,10 @@ def view_mask_preview(slide, graph, edge_drop: float, feature_mask: float, seed:
     drop = rng.random(len(src)) < edge_drop
     pos, size = slide.positions, slide.point_size
     hidden = np.flatnonzero(rng.random(len(gene_names)) < feature_mask)
-    specs = [_vectors_spec("preview:kept", "mask preview: kept edges (one augmented view)",
-                           edge_vectors(pos, src[~drop], dst[~drop]), "#d0d0d0", size * 0.08),
-             _vectors_spec("preview:dropped", f"mask preview: dropped edges ({edge_drop:.0%})",
-                           edge_vectors(pos, src[drop], dst[drop]), "#ff4040", size * 0.12)]
+    specs = [_vectors_spec("preview:mask-kept", "mask preview: kept edges (one augmented view)",
+                           edge_vectors(pos, src[~drop], dst[~drop]), "#d0d0d0", size * 0.15),
+             _vectors_spec("preview:mask-dropped", f"mask preview: dropped edges ({edge_drop:.0%})",
+                           edge_vectors(pos, src[drop], dst[drop]), "#ff3030", size * 0.3)]
     names = [str(gene_names[j]) for j in hidden[:8]]
     text = (f"Each step makes two views; in each, {edge_drop:.0%} of edges are dropped (red) and {feature_mask:.0%} "
             f"of genes are hidden from every spot (this draw: {len(hidden)} genes, e.g. {', '.join(names)}).")

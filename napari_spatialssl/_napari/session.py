@@ -24,7 +24,7 @@ from psygnal import Signal, SignalGroup
 
 from ..config import apply_overrides, config_from_dict, config_to_dict, validate_config
 from ..data.io import SpatialDataError
-from . import actions
+from . import actions, result_actions
 from .results import Result, adopt, result_from_output
 from .workers import Runner
 
@@ -72,6 +72,12 @@ class SessionEvents(SignalGroup):
     results = Signal(str)  # a method's results were added or changed
     region = Signal(object)  # evaluation.regions.RegionReport
     selection = Signal(object)  # (n,) int cell indices selected (tissue or embedding plot)
+    region_drawn = Signal(object)  # (k, 2) polygon of the region to hide, display coordinates
+    plot = Signal(object)  # actions.EmbeddingPoints: the 2-D embedding plot of a result
+    summary = Signal(object)  # actions.Summary: a result's headline figures and confusion matrix
+    layer_data = Signal(object)  # a slide read from a file, as napari layer data, to add
+    screenshot = Signal(object)  # a path: save a PNG of the view
+    draw_region = Signal()  # a person wants to draw the region to hide
     message = Signal(str, str)  # text, level: info | warning | error
 
 
@@ -93,11 +99,12 @@ class Session:
         self.results: dict[str, Result] = {}
         self.job = JobState()
         self._pipeline = None
-        self._side_token = 0
-        self._side_busy = ""
+        self._side_token: dict[str, int] = {}
+        self._side_busy: dict[str, str] = {}
         self._cache: dict = {}
         self.shown: tuple[str, str, str | None] | None = None  # (method, what, gene) last shown
         self.region_report = None
+        self.region_polygon: np.ndarray | None = None
         self.selected_cells = np.zeros(0, np.int64)
 
     # -- messages --------------------------------------------------------------------------
@@ -105,9 +112,17 @@ class Session:
         self.events.message.emit(text, level)
 
     def fail(self, exc: BaseException) -> None:
-        """An error from an action or a job: one line for a person, never a traceback."""
+        """An error from an action or a job: one line for a person, never a traceback (the traceback
+        of an unexpected error goes to the log)."""
+        import logging
+        import traceback
+
         from ..cli import describe_error
 
+        while type(exc).__name__ == "EmitLoopError" and exc.__cause__ is not None:  # psygnal wraps callbacks' errors
+            exc = exc.__cause__
+        if not isinstance(exc, (SpatialDataError, OSError)):
+            logging.getLogger(__name__).error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         self.say(describe_error(exc), "error")
 
     def guarded(self, fn, *args, **kwargs):
@@ -146,6 +161,10 @@ class Session:
         note = f"; {len(self.results)} earlier result(s) adopted: {', '.join(self.results)}" if self.results else ""
         self.say(f"Slide '{slide.name}': {n:,} cells x {slide.adata.n_vars:,} genes{note}.")
         self.check_view()
+
+    def open_file(self, path) -> None:
+        """Read a slide file (.h5ad or SpatialData store) off the main thread; it is added as a layer."""
+        actions.open_file(self, path)
 
     def require_slide(self) -> Slide:
         if self.slide is None:
@@ -285,19 +304,51 @@ class Session:
         return actions.load_model(self, folder)
 
     def show(self, method: str, what: str, gene: str | None = None):
-        return actions.show(self, method, what, gene)
+        return result_actions.show(self, method, what, gene)
 
     def compare(self, gene: str, methods: list[str] | None = None):
-        return actions.compare(self, gene, methods)
+        return result_actions.compare(self, gene, methods)
 
     def recompute_domains(self, method: str, n_domains: int | None, domain_method: str = "auto"):
-        return actions.recompute_domains(self, method, n_domains, domain_method)
+        return result_actions.recompute_domains(self, method, n_domains, domain_method)
 
-    def inspect_region(self, method: str, polygon: np.ndarray, gene: str | None = None):
-        return actions.inspect_region(self, method, polygon, gene)
+    def inspect_region(self, method: str, polygon: np.ndarray | None = None, gene: str | None = None):
+        if polygon is None:
+            polygon = self.region_polygon
+        if polygon is None:
+            raise SpatialDataError("draw the region to hide first ('Draw a region'), then press 'Hide it and predict'.")
+        return result_actions.inspect_region(self, method, polygon, gene)
 
     def show_region_gene(self, gene: str):
-        return actions.show_region_gene(self, gene)
+        return result_actions.show_region_gene(self, gene)
+
+    def plot_embedding(self, method: str, how: str = "pca"):
+        return result_actions.plot_embedding(self, method, how)
+
+    def summarize(self, method: str):
+        return result_actions.summarize(self, method)
+
+    def request_region_layer(self) -> None:
+        """Ask for the layer in which a person draws the region to hide."""
+        self.require_slide()
+        self.events.draw_region.emit()
+
+    def set_region(self, polygon) -> None:
+        """The region (display coordinates) a person drew, to hide from a model."""
+        self.region_polygon = np.asarray(polygon, np.float64)
+        self.events.region_drawn.emit(self.region_polygon)
+
+    def show_gene(self, gene: str):
+        return actions.show_gene(self, gene)
+
+    def save_png(self, path) -> None:
+        from pathlib import Path
+
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            path = path.with_name(path.name + ".png")
+        self.events.screenshot.emit(path)
+        return path
 
     def select_cells(self, cells) -> None:
         self.selected_cells = np.unique(np.asarray(cells, np.int64))
@@ -314,24 +365,29 @@ class Session:
         self.job = JobState(kind, text)
         self.events.job.emit(self.job)
 
-    def side_job(self, what: str, fn, args: tuple, on_done: Callable) -> None:
-        """A light job (a preview, colours, clustering, a region): off the main thread; when several
-        are asked for in a row, only the newest result is shown."""
-        self._side_token += 1
-        token = self._side_token
-        self._side_busy = what
+    def side_job(self, what: str, fn, args: tuple, on_done: Callable, channel: str = "display") -> None:
+        """A light job (a preview, colours, clustering, a region, a plot): off the main thread. Jobs of one
+        `channel` replace each other: when several are asked for in a row, only the newest result is
+        used; jobs of other channels are not affected."""
+        self._side_token[channel] = token = self._side_token.get(channel, 0) + 1
+        self._side_busy[channel] = what
         self.events.busy.emit(what)
 
         def done(value):
-            if token == self._side_token:
+            if token == self._side_token.get(channel):
                 self.guarded(on_done, value)
 
         def finish():
-            if token == self._side_token:
-                self._side_busy = ""
-                self.events.busy.emit("")
+            if token == self._side_token.get(channel):
+                self._side_busy.pop(channel, None)
+                self.events.busy.emit(next(iter(self._side_busy.values()), ""))
 
         self.runner.start(fn, *args, on_return=done, on_error=self.fail, on_finish=finish)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job (main or side) is running."""
+        return self.job.kind != "idle" or bool(self._side_busy)
 
     def add_result(self, result: Result) -> None:
         """A new result: the slide now carries it (so exports hold every result) and it is shown."""

@@ -35,6 +35,20 @@ class PreprocessConfig:
     max_value: float = 10.0
     layer: str | None = None  # read expression from adata.layers[layer] instead of X
 
+    FIELD_DOCS = {
+        "normalize_total": "Scale every cell to the same total count before the log (empty = only when the "
+                           "expression looks like raw counts).",
+        "target_sum": "The total every cell is scaled to when normalising (counts per cell).",
+        "log1p": "Take log(1 + x) of the expression (empty = when normalising).",
+        "n_top_genes": "Keep only this many highly variable genes (empty = every gene).",
+        "hvg_flavor": "How highly variable genes are chosen (scanpy's flavours: seurat_v3 on counts, seurat, "
+                      "cell_ranger).",
+        "scale": "Scale each gene to unit variance (clipped at max_value).",
+        "scale_zero_center": "Also centre each gene when scaling (empty = only for dense expression).",
+        "max_value": "Clip scaled values at +/- this.",
+        "layer": "Read the expression from this AnnData layer instead of X.",
+    }
+
 
 def looks_like_counts(X, n_probe: int = 2000) -> bool:
     """True when the first rows hold non-negative integers (raw counts)."""

@@ -1,0 +1,272 @@
+"""Every layer the plugin shows is written here, and the viewer's state goes back to the Session here.
+
+:class:`ViewerBridge` connects one napari viewer to one Session:
+
+- Session -> viewer: a :class:`~.displays.Display` (computed off the main thread) becomes layers,
+  each found by its key (``metadata['spatialssl_key']``) and updated in place, never piled up (and
+  never removed: removing a layer makes napari collect garbage for about a second); the layer asked
+  for goes on top, visible, and the other layers of the roles it replaces are hidden; new slides
+  (opened files) are added; results are recorded on the slide layer, so a new widget adopts them;
+  a cell selection is ringed.
+- viewer -> Session: which slide layers exist, the slide behind a layer, clicks on a cell while a
+  view preview is shown, the region drawn in the "region to hide" Shapes layer, cells selected
+  on a result layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .displays import Display, LayerSpec
+from .results import RESULTS_META
+
+log = logging.getLogger(__name__)
+
+KEY = "spatialssl_key"
+REGION_LAYER = "region to hide (draw a rectangle or polygon)"
+
+
+def slide_layers(viewer) -> list:
+    """Points layers that carry a slide (ours or napari-spatialdata's), not the plugin's own layers."""
+    from napari.layers import Points
+
+    from ..data.stores import is_spatialdata_layer_metadata
+
+    return [lay for lay in viewer.layers if isinstance(lay, Points) and not lay.metadata.get("spatialssl_role")
+            and (lay.metadata.get("adata") is not None and "n_cells_total" in lay.metadata
+                 or is_spatialdata_layer_metadata(lay.metadata))]
+
+
+class ViewerBridge:
+    def __init__(self, viewer, session):
+        self.viewer, self.session = viewer, session
+        self.preview_active = False
+        self._selecting = False
+        session.slide_provider = self.slide_from_layer
+        ev = session.events
+        ev.display.connect(self.write)
+        ev.results.connect(self._record_results)
+        ev.selection.connect(self._ring_selection)
+        ev.layer_data.connect(self.add_slide_layer)
+        ev.screenshot.connect(self.save_png)
+        ev.draw_region.connect(self.add_region_layer)
+        viewer.layers.events.inserted.connect(self._layers_changed)
+        viewer.layers.events.removed.connect(self._layers_changed)
+        viewer.mouse_drag_callbacks.append(self._on_click)
+        self._layers_changed()
+
+    def disconnect(self) -> None:
+        """Detach from the viewer (the widget was closed); the layers and their results stay."""
+        ev = self.session.events
+        for sig, slot in ((ev.display, self.write), (ev.results, self._record_results),
+                          (ev.selection, self._ring_selection), (ev.layer_data, self.add_slide_layer),
+                          (ev.screenshot, self.save_png), (ev.draw_region, self.add_region_layer)):
+            sig.disconnect(slot)
+        for sig in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            sig.disconnect(self._layers_changed)
+        if self._on_click in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._on_click)
+
+    # -- slides ----------------------------------------------------------------------------
+    def _layers_changed(self, *_):
+        self.session.set_slide_choices([lay.name for lay in slide_layers(self.viewer)])
+
+    def slide_from_layer(self, name: str):
+        from .layers import display_coordinates
+        from .session import Slide
+
+        layer = self._layer_named(name)
+        meta = layer.metadata
+        if meta.get("adata") is None or "n_cells_total" not in meta:  # a napari-spatialdata layer: make ours
+            from .reader import points_from_spatialdata_layer
+
+            data, kwargs, _ = points_from_spatialdata_layer(meta, f"{name} cells")
+            self.viewer.add_points(data, **kwargs)
+            layer, meta = self.viewer.layers[-1], self.viewer.layers[-1].metadata
+        rows = layer.features["cell_index"].to_numpy(np.int64) if "cell_index" in layer.features else \
+            np.arange(len(layer.data))
+        size = float(np.mean(layer.size)) if np.size(layer.size) else float(meta.get("point_size", 1.0))
+        slide = Slide(layer.name, meta["adata"], display_coordinates(meta["adata"], meta), rows[rows >= 0], size,
+                      meta.get("section_key"))
+        return slide, meta
+
+    def _layer_named(self, name: str):
+        if name not in self.viewer.layers:
+            from ..data.io import SpatialDataError
+
+            raise SpatialDataError(f"no layer named {name!r} any more; pick a slide layer from the list.")
+        return self.viewer.layers[name]
+
+    def add_slide_layer(self, layer_data) -> None:
+        from napari.layers import Layer
+
+        data, kwargs, kind = layer_data
+        layer = self.viewer.add_layer(Layer.create(data, kwargs, kind))
+        self.session.choose_slide(layer.name)
+
+    def _slide_layer(self):
+        slide = self.session.slide
+        if slide is None or slide.name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[slide.name]
+
+    def _record_results(self, method: str) -> None:
+        """The slide layer carries the AnnData with every result, and the Session's results."""
+        layer = self._slide_layer()
+        if layer is not None:
+            layer.metadata["adata"] = self.session.slide.adata
+            layer.metadata[RESULTS_META] = self.session.results
+
+    # -- writing layers ----------------------------------------------------------------------
+    def _find(self, key: str):
+        for layer in self.viewer.layers:
+            if layer.metadata.get(KEY) == key:
+                return layer
+        return None
+
+    def write(self, display: Display) -> None:
+        keys = {spec.key for spec in display.specs}
+        for spec in display.specs:
+            self._write_spec(spec)
+        for layer in self.viewer.layers:  # the views this one replaces step back
+            role = layer.metadata.get("spatialssl_role")
+            if role in display.hide_roles and layer.metadata.get(KEY) not in keys:
+                layer.visible = False
+        region = self.viewer.layers[REGION_LAYER] if REGION_LAYER in self.viewer.layers else None
+        self.preview_active = any(spec.role == "preview" for spec in display.specs)
+        slide = self._slide_layer()
+        if slide is not None:  # previews fade the tissue so that edges, patches and masks stand out
+            slide.opacity = 0.35 if self.preview_active else 1.0
+        order = [s.key for s in display.specs if s.key != display.top] + ([display.top] if display.top else [])
+        for key in order:  # the layer asked for ends on top (its panel titles just above it)
+            layer = self._find(key)
+            if layer is not None:
+                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        for layer in (region, self._find("selection")):
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        if any(spec.role in ("compare", "region") for spec in display.specs):
+            self.viewer.reset_view()
+
+    def _write_spec(self, spec: LayerSpec):
+        layer = self._find(spec.key)
+        meta = {**spec.metadata, KEY: spec.key}
+        if layer is not None and type(layer).__name__.lower() != spec.kind:
+            layer.visible = False
+            layer.metadata[KEY] = None
+            layer = None
+        style = dict(spec.style)
+        if layer is None:
+            adder = {"points": self.viewer.add_points, "vectors": self.viewer.add_vectors,
+                     "shapes": self.viewer.add_shapes, "image": self.viewer.add_image}[spec.kind]
+            kwargs = {"name": spec.name, "metadata": meta, **style}
+            if spec.features is not None:
+                kwargs["features"] = spec.features
+            layer = adder(spec.data, **kwargs)
+            if spec.role in ("result", "compare"):
+                self.watch_selection(layer)
+            return layer
+        if spec.kind == "points":
+            self._update_points(layer, spec, style)
+        elif spec.kind == "shapes":
+            layer.data = []
+            if len(spec.data):
+                layer.add(list(spec.data), shape_type=style.pop("shape_type", "rectangle"),
+                          edge_color=style.get("edge_color"), face_color=style.get("face_color"),
+                          edge_width=style.get("edge_width", 1))
+        else:
+            layer.data = spec.data
+            for attr in ("edge_color", "edge_width", "colormap", "blending", "translate", "scale", "contrast_limits"):
+                if attr in style:
+                    setattr(layer, attr, style[attr])
+        layer.name = spec.name
+        layer.metadata.update(meta)
+        layer.visible = True
+        return layer
+
+    def _update_points(self, layer, spec: LayerSpec, style: dict) -> None:
+        data = np.asarray(spec.data, np.float64)
+        self._selecting = True
+        try:
+            layer.selected_data = set()
+        finally:
+            self._selecting = False
+        if len(layer.data) != len(data) or not np.array_equal(layer.data, data):
+            layer.data = data
+        if spec.features is not None:
+            layer.features = spec.features
+        text = style.pop("text", None)
+        for attr in ("border_width_is_relative", "size", "translate", "opacity", "face_color", "border_color",
+                     "border_width"):
+            if attr in style:
+                setattr(layer, attr, style[attr])
+        if text is not None:
+            layer.text = text
+
+    # -- viewer -> Session -------------------------------------------------------------------
+    def _on_click(self, viewer, event):
+        """A click near a cell, while a view preview is shown, previews that cell."""
+        if not self.preview_active or event.type != "mouse_press" or self.session.slide is None:
+            return
+        layer = self._slide_layer()
+        if layer is None:
+            return
+        from .previews import nearest_point
+
+        where = np.asarray(layer.world_to_data(event.position))[-2:]
+        slide = self.session.slide
+        cell = int(slide.shown[nearest_point(slide.positions[slide.shown], where)])
+        self.session.guarded(self.session.preview_view, cell)
+
+    def add_region_layer(self):
+        """The Shapes layer in which a person draws the region to hide (rectangle mode)."""
+        if REGION_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[REGION_LAYER]
+        else:
+            size = self.session.slide.point_size if self.session.slide is not None else 1.0
+            layer = self.viewer.add_shapes(name=REGION_LAYER, edge_color="#ffff00", face_color=[1, 1, 0, 0.15],
+                                           edge_width=size * 0.4, metadata={"spatialssl_role": "draw"})
+            layer.events.data.connect(lambda *_: self._region_drawn(layer))
+        layer.visible = True
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add_rectangle"
+        return layer
+
+    def _region_drawn(self, layer) -> None:
+        if len(layer.data):
+            self.session.set_region(np.asarray(layer.data[-1])[:, -2:])
+
+    def _on_selected(self, layer) -> None:
+        if self._selecting:
+            return
+        idx = np.fromiter(layer.selected_data, dtype=np.int64)
+        if "cell_index" in layer.features:
+            self.session.select_cells(layer.features["cell_index"].to_numpy()[idx])
+
+    def _ring_selection(self, cells) -> None:
+        slide = self.session.slide
+        if slide is None:
+            return
+        cells = np.asarray(cells, np.int64)
+        from .displays import points_spec
+
+        rgba = np.tile(np.array([[1.0, 1.0, 0.0, 0.25]], np.float32), (len(cells), 1))
+        ring = np.tile(np.array([[1.0, 1.0, 0.0, 1.0]], np.float32), (len(cells), 1))
+        spec = points_spec("selection", f"selected cells ({len(cells):,})", slide.positions[cells], rgba,
+                           slide.point_size * 2.0, cells, role="selection", border=ring, border_width=0.25)
+        layer = self._write_spec(spec)
+        self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+
+    def watch_selection(self, layer) -> None:
+        """Cells a person selects on a result layer (select tool) become the Session's selection."""
+        events = layer.selected_data.events
+        signal = getattr(events, "items_changed", None)  # psygnal's Selection (a signal with no slot is falsy)
+        if signal is None:
+            signal = events.changed
+        signal.connect(lambda *_: self._on_selected(layer))
+
+    def save_png(self, path) -> None:
+        self.viewer.screenshot(str(path), canvas_only=True, flash=False)
+        self.session.say(f"Saved the view to {path}.")
