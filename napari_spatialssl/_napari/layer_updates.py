@@ -140,12 +140,10 @@ class ViewerBridge:
         if slide is not None:  # previews fade the tissue so that edges, patches and masks stand out
             slide.opacity = 0.35 if self.preview_active else 1.0
         order = [s.key for s in display.specs if s.key != display.top] + ([display.top] if display.top else [])
-        for key in order:  # the layer asked for ends on top (its panel titles just above it)
-            layer = self._find(key)
-            if layer is not None:
-                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
-        for layer in (region, self._find("selection")):
-            if layer is not None and layer in self.viewer.layers:
+        on_top = [self._find(key) for key in order] + [region, self._find("selection")]
+        on_top = [layer for layer in on_top if layer is not None and layer in self.viewer.layers]
+        if list(self.viewer.layers)[-len(on_top):] != on_top:  # reordering redraws: only when needed
+            for layer in on_top:  # the layer asked for ends on top, its titles and drawings above it
                 self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
         if any(spec.role in ("compare", "region") for spec in display.specs):
             self.viewer.reset_view()

@@ -1,76 +1,78 @@
-"""Small Qt views of the dock: the live loss curve, a legend, a colour bar, the 2-D embedding plot
-(with axes, selection linked to the tissue) and a confusion matrix."""
+"""Small Qt views of the dock: figures drawn off the main thread (see figures.py) shown as images, the
+2-D embedding plot with rectangle selection linked to the tissue, and a legend of colour swatches."""
 
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QPixmap
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtCore import QPoint, QRect, QSize, Qt
+from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
+from qtpy.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QRubberBand, QSizePolicy,
+                            QVBoxLayout, QWidget)
 
 
-class LossCurve(QWidget):
-    """Training loss per step (thin line) and per epoch (dots), redrawn at most once per event."""
+class FigureView(QLabel):
+    """Shows a figures.Figure (an RGBA image) at the label's width; putting an image on screen is cheap."""
 
-    def __init__(self, parent=None):
+    def __init__(self, min_height: int = 60, parent=None):
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
+        self.setMinimumHeight(min_height)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.figure = None
+        self._scale = 1.0
+        self.setVisible(False)
 
-        self.figure = Figure(figsize=(3.2, 1.8), dpi=90, tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.axes = self.figure.add_subplot(111)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        self.setMinimumHeight(150)
-        self.clear()
+    def show_figure(self, figure) -> None:
+        self.figure = figure
+        img = np.ascontiguousarray(figure.image)
+        h, w = img.shape[:2]
+        qimage = QImage(img.data, w, h, 4 * w, QImage.Format.Format_RGBA8888).copy()
+        pixmap = QPixmap.fromImage(qimage)
+        width = max(self.width(), 200)
+        if w > width:
+            pixmap = pixmap.scaledToWidth(width, Qt.TransformationMode.SmoothTransformation)
+        self._scale = pixmap.width() / w
+        self.setPixmap(pixmap)
+        self.setMinimumHeight(pixmap.height())
+        self.setVisible(True)
 
-    def clear(self) -> None:
-        self.steps: list[float] = []  # global step counter
-        self.step_losses: list[float] = []
-        self.epoch_x: list[float] = []
-        self.epoch_losses: list[float] = []
-        self.val_x: list[float] = []
-        self.val_losses: list[float] = []
-        self._redraw()
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt naming
+        return QSize(200, self.minimumHeight())
 
-    def add_step(self, loss: float) -> None:
-        self.steps.append(len(self.steps) + 1)
-        self.step_losses.append(float(loss))
 
-    def add_epoch(self, loss: float, val_loss: float | None = None) -> None:
-        x = float(len(self.steps)) if self.steps else float(len(self.epoch_x) + 1)
-        self.epoch_x.append(x)
-        self.epoch_losses.append(float(loss))
-        if val_loss is not None and np.isfinite(val_loss):
-            self.val_x.append(x)
-            self.val_losses.append(float(val_loss))
+class EmbeddingView(FigureView):
+    """The embedding plot; drag a rectangle to select the cells inside it (`on_select(cells)`)."""
 
-    def _redraw(self) -> None:
-        """Update the three lines in place (no re-plot): cheap enough to run while training."""
-        ax = self.axes
-        if not hasattr(self, "_lines"):
-            ax.set_xlabel("step", fontsize=8)
-            ax.set_ylabel("loss", fontsize=8)
-            ax.tick_params(labelsize=7)
-            self._lines = (
-                ax.plot([], [], lw=0.8, color="#7aa6c2", label="step")[0],
-                ax.plot([], [], "o-", ms=3, color="#1f77b4", label="epoch mean")[0],
-                ax.plot([], [], "s--", ms=3, color="#d62728", label="validation")[0],
-            )
-            ax.legend(fontsize=7, loc="upper right")
-        step, epoch, val = self._lines
-        step.set_data(self.steps, self.step_losses)
-        epoch.set_data(self.epoch_x, self.epoch_losses)
-        val.set_data(self.val_x, self.val_losses)
-        if self.steps or self.epoch_x:
-            ax.relim()
-            ax.autoscale_view()
-        self.canvas.draw_idle()
+    def __init__(self, on_select, parent=None):
+        super().__init__(230, parent)
+        self.on_select = on_select
+        self.xy = np.zeros((0, 2))
+        self.cells = np.zeros(0, np.int64)
+        self._band = QRubberBand(QRubberBand.Shape.Rectangle, self)
+        self._origin = QPoint()
 
-    def refresh(self) -> None:
-        self._redraw()
+    def set_points(self, points) -> None:
+        self.xy, self.cells = np.asarray(points.xy), np.asarray(points.cells)
+        self.show_figure(points.figure)
+
+    def mousePressEvent(self, event):  # noqa: N802
+        self._origin = event.position().toPoint()
+        self._band.setGeometry(QRect(self._origin, QSize()))
+        self._band.show()
+
+    def mouseMoveEvent(self, event):  # noqa: N802
+        self._band.setGeometry(QRect(self._origin, event.position().toPoint()).normalized())
+
+    def mouseReleaseEvent(self, event):  # noqa: N802
+        self._band.hide()
+        rect = QRect(self._origin, event.position().toPoint()).normalized()
+        if self.figure is None or self.figure.box is None or rect.width() < 3 or rect.height() < 3:
+            return
+        s = self._scale
+        (x0, y1), (x1, y0) = (self.figure.to_data(rect.left() / s, rect.top() / s),
+                              self.figure.to_data(rect.right() / s, rect.bottom() / s))
+        inside = (self.xy[:, 0] >= x0) & (self.xy[:, 0] <= x1) & (self.xy[:, 1] >= y0) & (self.xy[:, 1] <= y1)
+        self.on_select(self.cells[inside])
 
 
 class Legend(QWidget):
@@ -96,7 +98,7 @@ class Legend(QWidget):
             r, g, b = (np.clip(np.asarray(rgba, dtype=float)[:3], 0, 1) * 255).astype(int)
             pix.fill(QColor(int(r), int(g), int(b)))
             item = QListWidgetItem(f"{name}  ({count:,})")
-            item.setIcon(pix_icon(pix))
+            item.setIcon(QIcon(pix))
             self.list.addItem(item)
         self.setVisible(bool(items))
 
@@ -104,120 +106,10 @@ class Legend(QWidget):
         return [self.list.item(i).text().rsplit("  (", 1)[0] for i in range(self.list.count())]
 
 
-class _Figure(QWidget):
-    def __init__(self, size=(3.2, 1.0), parent=None):
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=size, dpi=90, tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-
-
-class ColorBar(_Figure):
-    """The colour scale of the shown continuous values."""
-
-    def __init__(self, parent=None):
-        super().__init__((3.2, 0.55), parent)
-        self.setFixedHeight(62)
-        self.setVisible(False)
-
-    def show_scale(self, cmap: str, lo: float, hi: float, label: str) -> None:
-        from matplotlib import colormaps
-        from matplotlib.colorbar import ColorbarBase
-        from matplotlib.colors import Normalize
-
-        self.figure.clear()
-        ax = self.figure.add_axes([0.05, 0.55, 0.9, 0.3])
-        ColorbarBase(ax, cmap=colormaps[cmap], norm=Normalize(lo, hi), orientation="horizontal")
-        ax.tick_params(labelsize=7)
-        ax.set_title(label, fontsize=7)
-        self.canvas.draw_idle()
-        self.setVisible(True)
-
-
-class EmbeddingPlot(_Figure):
-    """The embedding in two dimensions, with axes; drag a rectangle to select cells (linked to the tissue)."""
-
-    def __init__(self, on_select, parent=None):
-        super().__init__((3.2, 2.6), parent)
-        self.setMinimumHeight(230)
-        self.on_select = on_select
-        self.cells = np.zeros(0, np.int64)
-        self.xy = np.zeros((0, 2))
-        self._selector = None
-        self._highlight = None
-
-    def plot(self, xy: np.ndarray, rgba: np.ndarray, cells: np.ndarray, title: str, axes: tuple[str, str]) -> None:
-        from matplotlib.widgets import RectangleSelector
-
-        self.xy, self.cells = np.asarray(xy), np.asarray(cells)
-        self.figure.clear()
-        ax = self.figure.add_subplot(111)
-        ax.scatter(self.xy[:, 0], self.xy[:, 1], c=np.asarray(rgba)[:, :4], s=2, linewidths=0, rasterized=True)
-        ax.set_xlabel(axes[0], fontsize=8)
-        ax.set_ylabel(axes[1], fontsize=8)
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=7)
-        self._highlight = ax.scatter([], [], s=14, facecolors="none", edgecolors="#ffd000", linewidths=0.8)
-        self._selector = RectangleSelector(ax, self._selected, useblit=False, interactive=False)
-        self.axes = ax
-        self.canvas.draw_idle()
-
-    def _selected(self, press, release) -> None:
-        x0, x1 = sorted((press.xdata, release.xdata))
-        y0, y1 = sorted((press.ydata, release.ydata))
-        inside = (self.xy[:, 0] >= x0) & (self.xy[:, 0] <= x1) & (self.xy[:, 1] >= y0) & (self.xy[:, 1] <= y1)
-        self.on_select(self.cells[inside])
-
-    def highlight(self, cells: np.ndarray) -> None:
-        if self._highlight is None:
-            return
-        hit = np.isin(self.cells, np.asarray(cells))
-        self._highlight.set_offsets(self.xy[hit] if hit.any() else np.zeros((0, 2)))
-        self.canvas.draw_idle()
-
-
-class ConfusionPlot(_Figure):
-    """Predicted domains (or cell types) against the reference, each row as shares of the row."""
-
-    def __init__(self, parent=None):
-        super().__init__((3.2, 2.4), parent)
-        self.setMinimumHeight(200)
-        self.setVisible(False)
-
-    def show_table(self, table, title: str) -> None:
-        values = table.to_numpy(dtype=float)
-        shares = values / np.maximum(values.sum(1, keepdims=True), 1)
-        self.figure.clear()
-        ax = self.figure.add_subplot(111)
-        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(table.columns)), [str(c)[:10] for c in table.columns], rotation=90, fontsize=6)
-        ax.set_yticks(range(len(table.index)), [str(c)[:10] for c in table.index], fontsize=6)
-        ax.set_xlabel("reference", fontsize=7)
-        ax.set_ylabel("predicted", fontsize=7)
-        ax.set_title(title, fontsize=8)
-        self.canvas.draw_idle()
-        self.setVisible(True)
-
-
-def pix_icon(pix: QPixmap):
-    from qtpy.QtGui import QIcon
-
-    return QIcon(pix)
-
-
-def hbox(*widgets, stretch_last: bool = False) -> QWidget:
-    """Widgets side by side in one row."""
+def hbox(*widgets) -> QWidget:
     w = QWidget()
     lay = QHBoxLayout(w)
     lay.setContentsMargins(0, 0, 0, 0)
     for item in widgets:
         lay.addWidget(item)
-    if stretch_last:
-        lay.addStretch(1)
-    lay.setAlignment(Qt.AlignmentFlag.AlignLeft)
     return w

@@ -146,6 +146,7 @@ class EmbeddingPoints:
     cells: np.ndarray
     title: str
     axes: tuple[str, str]
+    figure: object = None  # figures.Figure
 
 
 PLOT_CELLS = 30_000  # cells drawn in the dock's scatter (a seeded sample above that)
@@ -168,8 +169,11 @@ def plot_embedding(session, method: str, how: str = "pca"):
                                                   displays.domain_colors(result, ref))
         else:
             rgba = np.tile(np.array([[0.6, 0.8, 0.9, 1.0]], np.float32), (len(rows), 1))
+        from .figures import draw, embedding_figure
+
         names = ("PC 1", "PC 2") if how == "pca" else ("UMAP 1", "UMAP 2")
-        return EmbeddingPoints(method, xy, rgba, rows, f"{method} embedding ({how.upper()}), coloured by domain", names)
+        title = f"{method} embedding ({how.upper()}), coloured by domain"
+        return EmbeddingPoints(method, xy, rgba, rows, title, names, draw(embedding_figure, xy, rgba, title, names))
     session.side_job(f"{how.upper()} of the {method} embedding", job, (), session.events.plot.emit, channel="plot")
 
 
@@ -179,6 +183,7 @@ class Summary:
     rows: list  # (what, value, {baseline: value}, higher_is_better, flag text)
     confusion: object | None  # pandas DataFrame: predicted x reference counts
     confusion_title: str = ""
+    figure: object = None  # figures.Figure of the confusion matrix
 
 
 def summarize(session, method: str):
@@ -207,7 +212,12 @@ def summarize(session, method: str):
                            if d in pairs else len(confusion.columns))
             confusion = confusion.loc[order, sorted(confusion.columns, key=displays.natural_key)]
             title = f"{method} domains vs '{ref}'"
-        return Summary(method, rows, confusion, title)
+        figure = None
+        if confusion is not None and len(confusion):
+            from .figures import confusion_figure, draw
+
+            figure = draw(confusion_figure, confusion, title)
+        return Summary(method, rows, confusion, title, figure)
     session.side_job(f"summarising {method}", job, (), session.events.summary.emit, channel="summary")
 
 

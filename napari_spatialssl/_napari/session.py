@@ -31,6 +31,23 @@ from .workers import Runner
 METHOD_ORDER = ("gnn-mask", "spotscape", "patch-mae")
 
 
+def _warm_up() -> None:
+    import importlib
+
+    for name in ("napari_spatialssl.pipeline", "napari_spatialssl.models.gnn_mask", "napari_spatialssl.models.spotscape",
+                 "napari_spatialssl.models.patch_mae", "napari_spatialssl.evaluation.domains",
+                 "napari_spatialssl.evaluation.clustering", "napari_spatialssl.evaluation.mclust",
+                 "napari_spatialssl.evaluation.regions", "napari_spatialssl.preflight", "sklearn.cluster",
+                 "sklearn.neighbors", "sklearn.linear_model", "igraph", "leidenalg", "scanpy", "torch_geometric.nn"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    from .figures import warm_up
+
+    warm_up()
+
+
 @dataclass
 class Slide:
     """The slide being worked on: its AnnData and where each cell is drawn."""
@@ -75,6 +92,7 @@ class SessionEvents(SignalGroup):
     region_drawn = Signal(object)  # (k, 2) polygon of the region to hide, display coordinates
     plot = Signal(object)  # actions.EmbeddingPoints: the 2-D embedding plot of a result
     summary = Signal(object)  # actions.Summary: a result's headline figures and confusion matrix
+    figure = Signal(str, object)  # (name, figures.Figure) drawn off the main thread
     layer_data = Signal(object)  # a slide read from a file, as napari layer data, to add
     screenshot = Signal(object)  # a path: save a PNG of the view
     draw_region = Signal()  # a person wants to draw the region to hide
@@ -99,8 +117,8 @@ class Session:
         self.results: dict[str, Result] = {}
         self.job = JobState()
         self._pipeline = None
-        self._side_token: dict[str, int] = {}
         self._side_busy: dict[str, str] = {}
+        self._side_pending: dict[str, tuple] = {}
         self._cache: dict = {}
         self.shown: tuple[str, str, str | None] | None = None  # (method, what, gene) last shown
         self.region_report = None
@@ -366,23 +384,41 @@ class Session:
         self.events.job.emit(self.job)
 
     def side_job(self, what: str, fn, args: tuple, on_done: Callable, channel: str = "display") -> None:
-        """A light job (a preview, colours, clustering, a region, a plot): off the main thread. Jobs of one
-        `channel` replace each other: when several are asked for in a row, only the newest result is
-        used; jobs of other channels are not affected."""
-        self._side_token[channel] = token = self._side_token.get(channel, 0) + 1
+        """A light job (a preview, colours, clustering, a region, a figure): off the main thread. Jobs of
+        one `channel` replace each other: while one runs, only the newest request waits (the ones in
+        between are dropped) and starts when it ends; jobs of other channels are not affected."""
+        if channel in self._side_busy:
+            self._side_pending[channel] = (what, fn, args, on_done)
+            return
         self._side_busy[channel] = what
         self.events.busy.emit(what)
 
         def done(value):
-            if token == self._side_token.get(channel):
+            if channel not in self._side_pending:  # a newer request supersedes this result
                 self.guarded(on_done, value)
 
         def finish():
-            if token == self._side_token.get(channel):
-                self._side_busy.pop(channel, None)
+            self._side_busy.pop(channel, None)
+            pending = self._side_pending.pop(channel, None)
+            if pending is not None:
+                self.side_job(pending[0], pending[1], pending[2], pending[3], channel)
+            else:
                 self.events.busy.emit(next(iter(self._side_busy.values()), ""))
 
         self.runner.start(fn, *args, on_return=done, on_error=self.fail, on_finish=finish)
+
+    def draw(self, name: str, fn, *args) -> None:
+        """Draw a figure (a figures.* function) off the main thread (in the figure helper process); it
+        arrives as ``events.figure``."""
+        from .figures import draw
+
+        self.side_job(f"drawing the {name}", draw, (fn, *args), lambda fig: self.events.figure.emit(name, fig),
+                      channel=f"figure:{name}")
+
+    def warm_up(self) -> None:
+        """Load what jobs need (the methods, torch_geometric, scikit-learn, the figure helper process) in
+        the background, once, so that the first training or figure does not stall the viewer."""
+        self.side_job("loading the methods", _warm_up, (), lambda *_: None, channel="warm-up")
 
     @property
     def busy(self) -> bool:

@@ -75,8 +75,8 @@ class SpatialSSLWidget(QWidget):
         ev.busy.connect(lambda what: self.busy.setText(f"{what[:1].upper()}{what[1:]}…" if what else ""))
         ev.settings.connect(lambda *_: self._save_timer.start())
         ev.method.connect(lambda *_: self._save_timer.start())
-        ev.results.connect(lambda *_: self.tabs.setCurrentIndex(4))
         self.bridge = ViewerBridge(viewer, self.session)  # last: it offers the viewer's slides at once
+        self.session.warm_up()
 
     def _message(self, text: str, level: str) -> None:
         self.status.setStyleSheet(LEVEL_STYLE.get(level, ""))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
-from ..plots import EmbeddingPlot
+from ..figures import embedding_figure
+from ..plots import EmbeddingView
 from .common import button, combo, label, row
 
 
@@ -17,7 +18,8 @@ class EmbeddingPanel(QWidget):
         self.method = combo(tooltip="The method whose embedding is plotted.")
         self.how = combo(("pca", "umap"), "pca is instant; umap takes a while the first time (off the main thread).")
         lay.addWidget(row(self.method, self.how, button("Plot", self._plot)))
-        self.plot = EmbeddingPlot(session.select_cells)
+        self.plot = EmbeddingView(session.select_cells)
+        self.points = None
         lay.addWidget(self.plot)
         self.text = label("Drag a rectangle in the plot to select cells; select cells of a result layer on the "
                           "tissue (select tool) to see them here.")
@@ -25,7 +27,8 @@ class EmbeddingPanel(QWidget):
         ev = session.events
         ev.results.connect(self._results)
         ev.plot.connect(self._points)
-        ev.selection.connect(self.plot.highlight)
+        ev.selection.connect(self._selected)
+        ev.figure.connect(lambda name, fig: self.plot.show_figure(fig) if name == "embedding" else None)
 
     def _results(self, method: str) -> None:
         names = [m for m in self.session.methods if m in self.session.results]
@@ -41,5 +44,17 @@ class EmbeddingPanel(QWidget):
             self.session.guarded(self.session.plot_embedding, self.method.currentText(), self.how.currentText())
 
     def _points(self, points) -> None:
-        self.plot.plot(points.xy, points.rgba, points.cells, points.title, points.axes)
+        self.points = points
+        self.plot.set_points(points)
         self.text.setText(f"{len(points.cells):,} cells plotted. Drag a rectangle to select cells.")
+
+    def _selected(self, cells) -> None:
+        """Ring the selected cells in the plot (redrawn off the main thread)."""
+        p = self.points
+        if p is None:
+            return
+        import numpy as np
+
+        hit = np.flatnonzero(np.isin(p.cells, cells))
+        self.session.draw("embedding", embedding_figure, p.xy, p.rgba, p.title, p.axes, hit)
+        self.text.setText(f"{len(cells):,} cells selected; ringed on the tissue and here.")

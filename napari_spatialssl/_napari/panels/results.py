@@ -6,7 +6,8 @@ from __future__ import annotations
 from qtpy.QtWidgets import QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from ...evaluation.domains import DOMAIN_METHODS
-from ..plots import ColorBar, ConfusionPlot, Legend
+from ..figures import colorbar_figure
+from ..plots import FigureView, Legend
 from .common import button, combo, fill, label, row
 
 
@@ -14,6 +15,7 @@ class ResultsPanel(QWidget):
     def __init__(self, session, parent=None):
         super().__init__(parent)
         self.session = session
+        self._last_legend: list = []
         lay = QVBoxLayout(self)
         self.method = combo(tooltip="The method whose results are shown.")
         self.method.currentTextChanged.connect(self._method_chosen)
@@ -44,7 +46,7 @@ class ResultsPanel(QWidget):
         self.legend = Legend()
         self.legend.setVisible(False)
         lay.addWidget(self.legend)
-        self.colorbar = ColorBar()
+        self.colorbar = FigureView(50)
         lay.addWidget(self.colorbar)
         lay.addWidget(label("Headline figures (baselines measured in the same run):"))
         self.table = QTableWidget(0, 3)
@@ -52,12 +54,13 @@ class ResultsPanel(QWidget):
         self.table.setMinimumHeight(120)
         self.table.horizontalHeader().setStretchLastSection(True)
         lay.addWidget(self.table)
-        self.confusion = ConfusionPlot()
+        self.confusion = FigureView(150)
         lay.addWidget(self.confusion)
         ev = session.events
         ev.results.connect(self._results)
         ev.display.connect(self._display)
         ev.summary.connect(self._summary)
+        ev.figure.connect(lambda name, fig: self.colorbar.show_figure(fig) if name == "colorbar" else None)
 
     def _results(self, method: str) -> None:
         names = [m for m in self.session.methods if m in self.session.results]
@@ -87,11 +90,12 @@ class ResultsPanel(QWidget):
             return
         self.text.setText(display.text)
         if display.legend is not None:
+            self._last_legend = display.legend[1]
             self.legend.set_items(*display.legend)
         else:
             self.legend.setVisible(False)
         if display.colorbar is not None:
-            self.colorbar.show_scale(*display.colorbar)
+            self.session.draw("colorbar", colorbar_figure, *display.colorbar)
         else:
             self.colorbar.setVisible(False)
 
@@ -112,8 +116,8 @@ class ResultsPanel(QWidget):
         self.table.setWordWrap(True)
         self.table.resizeColumnsToContents()
         self.table.resizeRowsToContents()
-        if summary.confusion is not None and len(summary.confusion):
-            self.confusion.show_table(summary.confusion, summary.confusion_title)
+        if summary.figure is not None:
+            self.confusion.show_figure(summary.figure)
         else:
             self.confusion.setVisible(False)
 

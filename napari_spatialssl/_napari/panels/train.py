@@ -6,7 +6,10 @@ from qtpy.QtWidgets import QFileDialog, QProgressBar, QStackedWidget, QVBoxLayou
 
 from ...config import panel_settings
 from ..forms import SettingsForm
-from ..plots import LossCurve
+import time
+
+from ..figures import loss_figure
+from ..plots import FigureView
 from ..progress import planned_stages
 from .common import button, label, row
 
@@ -49,7 +52,10 @@ class TrainPanel(QWidget):
         lay.addWidget(self.bar)
         self.progress = label("")
         lay.addWidget(self.progress)
-        self.loss = LossCurve()
+        self.loss = FigureView(150)
+        self.steps: list[float] = []
+        self.epochs: list[tuple] = []
+        self._drawn = 0.0
         lay.addWidget(self.loss)
         self.save_button = button("Save model…", self._save, "Write the trained model and its results as a run "
                                   "folder (model.safetensors, model.json, result.h5ad, manifest.json).")
@@ -63,6 +69,7 @@ class TrainPanel(QWidget):
         ev.job.connect(self._job)
         ev.progress.connect(self._progress)
         ev.results.connect(lambda *_: self._render())
+        ev.figure.connect(lambda name, fig: self.loss.show_figure(fig) if name == "loss" else None)
         self._method(session.method)
 
     def _method(self, method: str) -> None:
@@ -82,10 +89,10 @@ class TrainPanel(QWidget):
         self.load_button.setEnabled(not busy)
         self.stop_button.setEnabled(job.kind == "training")
         if job.kind == "training":
-            self.loss.clear()
+            self.steps, self.epochs = [], []
             self.bar.setValue(0)
-        if not busy:
-            self.loss.refresh()
+        if not busy and (self.steps or self.epochs):
+            self._draw_loss()
         self._render()
 
     def _progress(self, p) -> None:
@@ -93,10 +100,16 @@ class TrainPanel(QWidget):
         if p.fraction is not None:
             self.bar.setValue(int(PROGRESS_MAX * p.fraction))
         if p.step_loss is not None:
-            self.loss.add_step(p.step_loss)
+            self.steps.append(p.step_loss)
         if p.epoch_loss is not None:
-            self.loss.add_epoch(p.epoch_loss, p.val_loss)
-            self.loss.refresh()
+            self.epochs.append((float(max(len(self.steps), len(self.epochs) + 1)), p.epoch_loss, p.val_loss))
+        if p.epoch_loss is not None or time.perf_counter() - self._drawn > 1.0:
+            self._draw_loss()
+
+    def _draw_loss(self) -> None:
+        """The loss curve, drawn off the main thread (at most once per epoch or second)."""
+        self._drawn = time.perf_counter()
+        self.session.draw("loss", loss_figure, list(self.steps), list(self.epochs))
 
     def _save(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "An empty folder for the model and its results")
