@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int)
     f.add_argument("--lr", type=float)
     f.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    f.add_argument("--devices", type=int, metavar="N", help="train on N processes of this machine (one GPU each "
+                   "on CUDA, gloo on CPU); for several machines use torchrun or srun (README)")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="any config field, e.g. --set hidden_dim=128 --set mask.ratio=0.3 (repeatable)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
@@ -165,6 +167,43 @@ def _read(path, args, source: dict | None = None):
 
 
 def cmd_fit(args) -> int:
+    from . import distributed
+
+    if (args.devices or 1) > 1 and not distributed.launched():
+        return distributed.launch_cli(args.argv, args.devices)
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices {args.devices}: give the number of training processes, 1 or more.")
+    ctx = distributed.context_from_env() if distributed.launched() else None
+    try:
+        if ctx is not None and not ctx.is_main:
+            return _fit_other_rank(ctx)
+        return _fit(args, ctx)
+    except BaseException:
+        if ctx is not None and ctx.is_main and not getattr(ctx, "settings_sent", False):
+            ctx.broadcast_object(None)  # the other ranks stop instead of waiting for the settings
+        raise
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _fit_other_rank(ctx) -> int:
+    """A rank other than 0: rank 0's settings and slide, pretraining only (rank 0 writes --out)."""
+    from .config import config_from_dict, validate_config
+    from .data.stores import read_slide
+    from .models.base import get_method_class
+    from .pipeline import Pipeline
+
+    shared = ctx.broadcast_object(None)
+    if shared is None:  # rank 0 failed before training and reports why
+        return 2
+    method, config, data_path, table, coordinate_system, resume = shared
+    cfg = validate_config(config_from_dict(get_method_class(method).config_class, config))
+    adata = read_slide(data_path, table=table, coordinate_system=coordinate_system)
+    Pipeline(method, cfg, dist=ctx).fit(adata, None, resume=resume, name=str(data_path))
+    return 0
+
+
+def _fit(args, ctx=None) -> int:
     from .pipeline import Pipeline
     from .runs import RunFolder, file_fingerprint, same_file
 
@@ -205,9 +244,15 @@ def cmd_fit(args) -> int:
         run = RunFolder(args.out, overwrite=args.overwrite).open()  # --out checked and locked before any work
         out_label = args.out
     _warn(run.notes)
+    if ctx is not None:  # the other ranks read the same slide with the same settings
+        from .config import config_to_dict
+
+        ctx.broadcast_object((method, config_to_dict(cfg), str(data_path), args.table, args.coordinate_system,
+                              bool(args.resume)))
+        ctx.settings_sent = True
     try:
         adata = _read(data_path, args, source)
-        pipeline = Pipeline(method, cfg)
+        pipeline = Pipeline(method, cfg, dist=ctx)
         out = pipeline.fit(adata, run, progress=not args.quiet, resume=bool(args.resume), name=str(data_path),
                            source={**file_fingerprint(data_path), "table": args.table,
                                    "coordinate_system": args.coordinate_system})
@@ -317,6 +362,7 @@ def describe_error(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `fit --devices N` starts N times
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

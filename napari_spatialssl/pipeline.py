@@ -88,9 +88,15 @@ class PipelineOutput:
 
 
 class Pipeline:
-    """One method on one slide. ``run`` yields TrainEvents (event.message holds the stage)."""
+    """One method on one slide. ``run`` yields TrainEvents (event.message holds the stage).
 
-    def __init__(self, method: str, config=None):
+    Several devices: ``devices=N`` makes this process rank 0 of N training processes on this
+    machine (N - 1 helpers are started and given the slide; one GPU each on CUDA, gloo on CPU);
+    ``dist`` (a distributed.DistContext) joins a group that a launcher started (torchrun, srun,
+    ``fit --devices``). Every rank pretrains its share; rank 0 alone evaluates, writes the run
+    folder and returns the output (the others return None); ``stop`` reaches every rank."""
+
+    def __init__(self, method: str, config=None, *, dist=None, devices: int = 1):
         self.method_cls = get_method_class(method)
         self.config = config if config is not None else self.method_cls.config_class()
         if not isinstance(self.config, self.method_cls.config_class):
@@ -103,6 +109,8 @@ class Pipeline:
         self._stopped = False
         self._downstream_events: queue.Queue | None = None  # set while `evaluate` runs
         self._n_downstream = 0
+        self.dist = dist if dist is not None and dist.active else None
+        self.devices = max(1, int(devices or 1))
 
     def stop(self) -> None:
         """Stop whatever is training now; later stages still run on the model trained so far."""
@@ -111,11 +119,13 @@ class Pipeline:
             t.stop()
 
     def make_trainer(self, train_config: TrainConfig, checkpoint_path=None, stage: str | None = None,
-                     state_dir=None, resume: bool = False) -> Trainer:
+                     state_dir=None, resume: bool = False, dist=None) -> Trainer:
         """A Trainer that `stop` reaches. Trainers made while the method evaluates (fine-tuning a
-        head, say) report their events through `run`, named `stage` (default "downstream training N")."""
+        head, say) report their events through `run`, named `stage` (default "downstream training N");
+        they train on rank 0 alone (`dist` is for the pretraining)."""
         if self._downstream_events is None:
-            trainer = Trainer(train_config, checkpoint_path=checkpoint_path, state_dir=state_dir, resume=resume)
+            trainer = Trainer(train_config, checkpoint_path=checkpoint_path, state_dir=state_dir, resume=resume,
+                              dist=dist)
         else:
             self._n_downstream += 1
             trainer = Trainer(train_config, checkpoint_path=checkpoint_path,
@@ -133,6 +143,12 @@ class Pipeline:
         before reading the slide). ``resume=True`` continues the interrupted run in `out_dir`
         from its last training checkpoint. `source` describes where `adata` was read from
         (recorded for --resume)."""
+        if self.devices > 1 and self.dist is None:
+            yield from self._run_local_group(adata, out_dir, overwrite=overwrite, name=name, resume=resume,
+                                             source=source)
+            return
+        if self.dist is not None and not self.dist.is_main:
+            out_dir = None  # rank 0 alone writes the run folder
         run = out_dir if isinstance(out_dir, RunFolder) else (
             RunFolder(out_dir, overwrite=overwrite, resume=resume) if out_dir is not None else None)
         if run is not None and run._fd is None:
@@ -142,6 +158,18 @@ class Pipeline:
         finally:
             if run is not None:
                 run.close()
+
+    def _run_local_group(self, adata, out_dir, **kw) -> Iterator[TrainEvent]:
+        """`run` as rank 0 of `devices` local processes (distributed.LocalGroup)."""
+        from .distributed import LocalGroup
+
+        args = (self.method_cls.name, config_to_dict(self.config), adata, kw.get("name", "AnnData"))
+        with LocalGroup(self.devices, _helper_pipeline, args) as ctx:
+            self.dist = ctx
+            try:
+                yield from self.run(adata, out_dir, **kw)
+            finally:
+                self.dist = None
 
     def _run(self, adata, run: RunFolder | None, name: str, resume: bool, source: dict | None):
         data = dataset_from_config(adata, self.config, name=name)
@@ -171,11 +199,16 @@ class Pipeline:
         self.method.data = data
         seed_everything(self.config.seed)  # model initialisation in prepare is reproducible too
         self.method.prepare(data)
-        trainer = self.make_trainer(self.config, state_dir=run.checkpoint_dir if run is not None else None,
-                                    resume=resume)
+        state_dir = run.checkpoint_dir if run is not None else None
+        if self.dist is not None:  # rank 0's folder and resume choice (other ranks never open --out)
+            state_dir, resume = self.dist.broadcast_object((state_dir, resume))
+        trainer = self.make_trainer(self.config, state_dir=state_dir, resume=resume, dist=self.dist)
         check_training_memory(self.method, trainer.device, self.config)
         yield from trainer.run(self.method)
         train_result = trainer.result
+        if self.dist is not None and not self.dist.is_main:
+            self.output = None  # rank 0 evaluates and writes
+            return
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating",
                          stage="evaluation")
         results = yield from self._evaluate(data, trainer.device)
@@ -190,6 +223,7 @@ class Pipeline:
             "seconds_per_epoch": train_result.train_seconds / max(train_result.epochs_run, 1),
             "cells_per_second": data.n_cells * train_result.epochs_run / max(train_result.train_seconds, 1e-9),
             "stopped_by_user": train_result.stopped_by_user,
+            "training_processes": self.dist.world_size if self.dist is not None else 1,
             "stopped_early": train_result.stopped_early,
             "resumed": bool(resume),
             "data": data.summary(),
@@ -240,7 +274,7 @@ class Pipeline:
 
     def fit(self, adata, out_dir=None, *, overwrite: bool = False, progress: bool = False,
             callback: Callable[[TrainEvent], None] | None = None, resume: bool = False,
-            name: str = "AnnData", source: dict | None = None) -> PipelineOutput:
+            name: str = "AnnData", source: dict | None = None) -> PipelineOutput | None:
         bar = None
         for event in self.run(adata, out_dir, overwrite=overwrite, resume=resume, name=name, source=source):
             if callback is not None:
@@ -249,8 +283,15 @@ class Pipeline:
                 bar = _progress(bar, event)
         if bar is not None:
             bar.close()
-        assert self.output is not None
+        assert self.output is not None or (self.dist is not None and not self.dist.is_main)
         return self.output
+
+
+def _helper_pipeline(ctx, method: str, config: dict, adata, name: str) -> None:
+    """A helper rank of Pipeline(..., devices=N): pretrain its share, nothing else."""
+    cfg = validate_config(config_from_dict(get_method_class(method).config_class, config))
+    for _ in Pipeline(method, cfg, dist=ctx).run(adata, None, name=name):
+        pass
 
 
 def _progress(bar, event: TrainEvent):

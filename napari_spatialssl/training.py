@@ -5,6 +5,14 @@ batch and how to compute a loss. The Trainer does everything else: device choice
 optimiser, mixed precision on CUDA, gradient clipping, early stopping, atomic checkpoints, a
 stream of :class:`TrainEvent` that callers consume (the CLI's progress bar, the napari worker),
 and a stop flag honoured at the next step.
+
+Several devices (``dist``, a :class:`~napari_spatialssl.distributed.DistContext` with more than one
+rank): every rank runs the same loop on the same global batches; a task that supports it
+(``set_shard``) computes only its rank's share of each loss, and the Trainer sums gradients, loss
+values and the stop flag over the ranks once per step (distributed.sync_step), so every rank takes
+the optimiser step a single process would take on the global batch. Rank 0 alone writes
+checkpoints and training state; the validation loss is rank 0's, broadcast, so early stopping
+agrees everywhere. A stop asked on any rank ends the run on every rank after the current step.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ class TrainingTask(Protocol):
     def validation_loss(self, device: torch.device) -> float | None: ...
 
     def on_epoch_start(self, epoch: int, device: torch.device) -> None: ...
+
+    # Optional, for several devices: ``set_shard(ctx)`` (ctx = DistContext, or None for one
+    # process); afterwards `train_batches` yields the same global batches on every rank and
+    # `training_loss` returns this rank's share of each value (the shares sum to the global loss).
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -126,13 +138,19 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, checkpoint_path: str | os.PathLike | None = None,
                  checkpoint_extra: Callable[[], dict] | None = None, stage: str = "pretraining",
                  listener: Callable[[TrainEvent], None] | None = None,
-                 state_dir: str | os.PathLike | None = None, resume: bool = False):
+                 state_dir: str | os.PathLike | None = None, resume: bool = False, dist=None):
         self.config = config
         self.stage = stage
         # Called with every event of every run, whoever consumes the run (used by the pipeline to
         # report trainings that a method starts inside `evaluate`).
         self.listener = listener
+        # several processes (distributed.DistContext); None or a single rank = this process alone
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
         self.device = resolve_device(config.device)
+        if self.dist is not None:
+            from .distributed import rank_device
+
+            self.device = rank_device(self.device, self.dist)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.checkpoint_extra = checkpoint_extra
         self.state_dir = Path(state_dir) if state_dir else None
@@ -141,8 +159,14 @@ class Trainer:
         self.result: TrainResult | None = None
 
     def stop(self) -> None:
-        """Ask training to stop; honoured before the next step. The model keeps what it learned."""
+        """Ask training to stop; honoured before the next step (with several ranks: after the
+        current step, on every rank). The model keeps what it learned."""
         self._stop.set()
+
+    @property
+    def is_main(self) -> bool:
+        """True for the process that writes files and reports (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
 
     @property
     def stop_requested(self) -> bool:
@@ -172,23 +196,41 @@ class Trainer:
         when the run ends, so the Trainer can be reused.
         """
         cfg = self.config
+        dist = self.dist
         rng = seed_everything(cfg.seed)
         model = task.model.to(self.device)
+        if hasattr(task, "set_shard"):
+            task.set_shard(dist)
+        elif dist is not None:
+            raise SpatialDataError(f"{getattr(task, 'name', type(task).__name__)} cannot train on several devices "
+                                   "(it has no set_shard); train it with --devices 1.")
+        if dist is not None:
+            from . import distributed
+
+            distributed.broadcast_module(model, dist)
         params = [p for p in model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_scaler = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         loop = _LoopState()
         resumed = self._load_state(model, optimiser, scaler, rng, loop) if self.resume else None
+        if dist is not None and self.resume and \
+                distributed.agree(dist.broadcast_object(loop.epoch) != loop.epoch, dist):
+            raise SpatialDataError(f"--resume with {dist.world_size} processes: not every process found the "
+                                   f"training state in {self.state_dir}; put the run folder on a file system "
+                                   "every machine sees, or resume with --devices 1.")
         t0 = time.perf_counter() - loop.elapsed
         last_save = time.perf_counter()
-        start = f"training on {self.device}"
+        start = f"training on {self.device}" + (f" ({dist.world_size} processes, {dist.backend})" if dist else "")
         if resumed is not None:
             start += f", resumed after epoch {loop.epoch} of {cfg.epochs}"
         yield TrainEvent("start", loop.epoch, cfg.epochs, message=start)
         epoch = loop.epoch
         for epoch in range(loop.epoch + 1, cfg.epochs + 1):
-            if loop.finished or self._stop.is_set():
+            stop = self._stop.is_set() if dist is None else distributed.agree(self._stop.is_set(), dist)
+            if loop.finished or stop:
+                if stop:
+                    self._stop.set()
                 epoch -= 1
                 break
             t_epoch = time.perf_counter()
@@ -199,22 +241,26 @@ class Trainer:
             sums: dict[str, float] = {}
             n_done = 0
             for step, batch in enumerate(batches, start=1):
-                if self._stop.is_set():
+                if dist is None and self._stop.is_set():
                     break
                 optimiser.zero_grad(set_to_none=True)
                 with self._autocast():
                     losses = task.training_loss(batch, self.device)
                 loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate "
-                        f"(now {cfg.lr}) or check the input for extreme values."
-                    )
+                if dist is None:
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    _check_finite(values["loss"], epoch, step, cfg.lr)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                stop_after_step = False
+                if dist is not None:
+                    # one all-reduce: the gradients, every loss value and the stop flag
+                    keys = list(losses)
+                    summed, stop_after_step = distributed.sync_step(params, [losses[k] for k in keys],
+                                                                    self._stop.is_set(), dist)
+                    values = dict(zip(keys, summed))
+                    _check_finite(values["loss"], epoch, step, cfg.lr)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimiser)
-                else:
-                    loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 if scaler is not None:
@@ -223,12 +269,14 @@ class Trainer:
                 else:
                     optimiser.step()
                 n_done += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 if step % max(cfg.log_every, 1) == 0:
-                    yield TrainEvent("step", epoch, cfg.epochs, step, n_steps,
-                                     {k: float(v.detach()) for k, v in losses.items()},
+                    yield TrainEvent("step", epoch, cfg.epochs, step, n_steps, dict(values),
                                      elapsed=time.perf_counter() - t0)
+                if stop_after_step:
+                    self._stop.set()
+                    break
             if n_done == 0:
                 epoch -= 1
                 break
@@ -237,6 +285,8 @@ class Trainer:
             model.eval()
             with torch.no_grad(), self._autocast():
                 val = task.validation_loss(self.device)
+            if dist is not None:  # rank 0's value everywhere: early stopping decides alike on every rank
+                val = distributed.broadcast_float(val, dist)
             record = {"epoch": epoch, **means, "val_loss": val, "elapsed": time.perf_counter() - t0,
                       "epoch_seconds": time.perf_counter() - t_epoch, "steps": n_done}
             loop.history.append(record)
@@ -255,7 +305,7 @@ class Trainer:
                 break
             due = (cfg.checkpoint_every > 0 and epoch % cfg.checkpoint_every == 0) or \
                 (time.perf_counter() - last_save >= 60.0 * cfg.checkpoint_minutes)
-            if self.state_dir is not None and due and not partial and epoch < cfg.epochs:
+            if self.state_dir is not None and due and not partial and epoch < cfg.epochs and self.is_main:
                 loop.elapsed = time.perf_counter() - t0
                 self._save_state(model, optimiser, scaler, rng, loop)
                 last_save = time.perf_counter()
@@ -264,12 +314,12 @@ class Trainer:
         model.eval()
         stopped_by_user = self._stop.is_set()
         seconds = time.perf_counter() - t0
-        if self.state_dir is not None and not stopped_by_user and not loop.finished:
+        if self.state_dir is not None and not stopped_by_user and not loop.finished and self.is_main:
             # the end of training is a resume point too: a run killed while evaluating restarts here
             loop.finished, loop.elapsed = True, seconds
             self._save_state(model, optimiser, scaler, rng, loop)
         ckpt = None
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and self.is_main:
             ckpt = str(self.save_checkpoint(task, loop.history))
         self._stop.clear()
         history = loop.history
@@ -399,6 +449,14 @@ class Trainer:
             (task.extra_state() if hasattr(task, "extra_state") else {})
         save_model(target, task, getattr(task, "config", self.config), history, extra=extra)
         return target
+
+
+def _check_finite(loss: float, epoch: int, step: int, lr: float) -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at epoch {epoch}, step {step}; lower the learning rate "
+            f"(now {lr}) or check the input for extreme values."
+        )
 
 
 @dataclass

@@ -68,6 +68,11 @@ class EgoNetSampler:
         if precompute:
             self._build_reach()
 
+    def prepare_batches(self) -> None:
+        """Before a pass over many cells: build the reachability matrix when the budget allows (as
+        :meth:`batches` does at its first call), so that :meth:`sample` is a row gather."""
+        self._build_reach()
+
     def _build_reach(self) -> None:
         """(A + I)^k once, when asked or (auto) when cells x mean ego-net size fits the budget."""
         n = self.graph.n_nodes

@@ -269,14 +269,15 @@ class GnnMaskModel(nn.Module):
         """Masked rows replaced by the mask token (zeros unless learned), after standardising."""
         return torch.where(mask[:, None], self.mask_token.to(x.dtype)[None, :], x)
 
-    def forward(self, x, edge_index, edge_weight=None, mask=None):
+    def forward(self, x, edge_index, edge_weight=None, mask=None, decode_rows=None):
         """(embeddings, reconstruction) of every node; `mask` (bool, nodes) hides those inputs.
-        The reconstruction is in the units of `x` (preprocessed expression)."""
+        The reconstruction is in the units of `x` (preprocessed expression); with `decode_rows`
+        (local indices) only those nodes are decoded (training decodes the scored cells alone)."""
         h = self.input_norm(x)
         if mask is not None:
             h = self.hide(h, mask)
         z = self.encoder(h, edge_index, edge_weight)
-        return z, self.decoder(z)
+        return z, self.decoder(z if decode_rows is None else z[decode_rows])
 
 
 class InputNorm(nn.Module):
@@ -403,10 +404,83 @@ class GraphView:
             group = [int(s) for s in secs[i:i + sections_per_step]]
             yield self.whole(group, cells[np.isin(cell_sec, group)])
 
+    def step_parts(self, cells: np.ndarray, *, rng, sections_per_step: int = 1) -> Iterator[tuple[str, Any]]:
+        """The training steps of an epoch before any subgraph is built: ("egonet", centre cells) or
+        ("whole", section codes), in the order `subgraphs(..., shuffle=True)` would take them (the
+        same random draws), so that each rank can build only its own part of a step."""
+        cells = np.asarray(cells, dtype=np.int64)
+        if self.sampler is not None:
+            if len(cells) > self.cfg.batch_size:
+                self.sampler.prepare_batches()
+            cells = rng.permutation(cells)
+            for start in range(0, len(cells), self.cfg.batch_size):
+                yield "egonet", cells[start:start + self.cfg.batch_size]
+            return
+        secs = rng.permutation(np.unique(self.section[cells]))
+        for i in range(0, len(secs), max(1, sections_per_step)):
+            yield "whole", [int(s) for s in secs[i:i + sections_per_step]]
+
+    def egonet_sub(self, centres: np.ndarray) -> _Sub:
+        """The union of the ego-nets of `centres` as a subgraph (egonet mode)."""
+        b = self.sampler.sample(centres)
+        ei, ew = self._weights(b.nodes, b.edge_index)
+        return _Sub(b.nodes, ei, ew, b.center_pos, b.centers)
+
     def n_subgraphs(self, n_cells: int, n_sections_hit: int, sections_per_step: int = 1) -> int:
         if self.sampler is not None:
             return int(np.ceil(n_cells / self.cfg.batch_size))
         return int(np.ceil(n_sections_hit / max(1, sections_per_step)))
+
+
+class _Step:
+    """One pretraining step before its subgraph is built: kind "egonet" (what = centre cells) or
+    "whole" (what = section codes), and the seed of its mask.
+
+    The mask is a function of (seed, cell id), so a cell is hidden alike in whichever subgraph or
+    rank holds it: random_cells hides, in whole mode, exactly round(ratio x cells) of the step's
+    sections' cells (those with the smallest keyed numbers), in egonet mode each cell with
+    probability ratio (the step's union of ego-nets is not known to any one rank); cell_types hides
+    those types. Unpacks as (subgraph, mask) of the whole step, as one process sees it."""
+
+    def __init__(self, method: "GnnMask", kind: str, what, seed: int):
+        self.method, self.kind, self.what, self.seed = method, kind, what, int(seed)
+        self._threshold: float | None = None
+        self._full = None
+
+    def mask(self, nodes: np.ndarray) -> np.ndarray:
+        m = self.method
+        cfg = m.config.mask
+        if cfg.strategy == "cell_types":
+            return draw_cell_mask(cfg, len(nodes), None, labels=m.data.labels[nodes], label_names=m.data.label_names)
+        from ..distributed import keyed_uniform
+
+        if self._threshold is None:
+            self._threshold = float(cfg.ratio)
+            if self.kind == "whole":
+                keys = keyed_uniform(self.seed, np.concatenate(self.section_cells()))
+                k = max(1, int(round(cfg.ratio * len(keys)))) if len(keys) else 0
+                self._threshold = float(np.partition(keys, k - 1)[k - 1]) if k else -1.0
+        u = keyed_uniform(self.seed, nodes)
+        return u <= self._threshold if self.kind == "whole" else u < self._threshold
+
+    def section_cells(self) -> list[np.ndarray]:
+        return [self.method.view.section_sub(s)[0] for s in self.what]
+
+    def full(self) -> tuple["_Sub", np.ndarray]:
+        if self._full is None:
+            view = self.method.view
+            sub = view.egonet_sub(self.what) if self.kind == "egonet" else view.whole(self.what)
+            self._full = (sub, self.mask(sub.nodes))
+        return self._full
+
+    def __iter__(self):
+        return iter(self.full())
+
+    def __getitem__(self, i):
+        return self.full()[i]
+
+    def __len__(self) -> int:
+        return 2
 
 
 class _Batches:
@@ -541,6 +615,15 @@ class GnnMask(SSLMethod):
     def build_model(self) -> torch.nn.Module:
         return self.build_model_for(len(self.label_names))
 
+    def set_shard(self, ctx) -> None:
+        """Train as one rank of several (distributed.DistContext; None = alone): every rank walks the
+        same steps; a rank builds the ego-nets of its share of each step's centre cells, or its share
+        of the step's sections (whole mode), and returns its share of the loss."""
+        if ctx is not None and ctx.active and self.config.mask.strategy == "niches":
+            raise SpatialDataError("gnn-mask: mask.strategy=niches is drawn on each step's whole subgraph, which no "
+                                   "rank holds with several devices; use random_cells or cell_types, or --devices 1.")
+        self._shard = ctx if ctx is not None and ctx.active else None
+
     def train_batches(self, epoch: int, rng: np.random.Generator):
         cfg = self.config
         # whole mode: every node is in the graph anyway; egonet mode: only scorable centres
@@ -548,11 +631,48 @@ class GnnMask(SSLMethod):
         spp = cfg.sections_per_step
         n = self.view.n_subgraphs(len(cells), self.data.n_sections, spp)
 
-        def make():
-            for sub in self.view.subgraphs(cells, shuffle=True, rng=rng, sections_per_step=spp):
-                yield sub, self._draw_train_mask(sub, rng)
+        if cfg.mask.strategy == "niches":  # niches are drawn on each step's subgraph (one process only)
+            def make():
+                for sub in self.view.subgraphs(cells, shuffle=True, rng=rng, sections_per_step=spp):
+                    yield sub, self._draw_train_mask(sub, rng)
 
-        return _Batches(make, n)
+            return _Batches(make, n)
+
+        def steps():
+            # Steps carry their mask's seed (see _Step), so that ranks can each build part of a step.
+            for kind, what in self.view.step_parts(cells, rng=rng, sections_per_step=spp):
+                yield _Step(self, kind, what, int(rng.integers(2**63)))
+
+        return _Batches(steps, n)
+
+    def _step_loss(self, step: "_Step", device) -> torch.Tensor:
+        """This rank's share of a step's loss: squared error over the scored (masked, scorable)
+        cells it holds, divided by (scored cells of the whole step) x genes."""
+        from ..distributed import balanced_groups, split_range
+
+        ctx = getattr(self, "_shard", None)
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        view = self.view
+        if step.kind == "egonet":
+            centres = step.what
+            n_scored = int((step.mask(centres) & self.target_ok[centres]).sum())
+            mine = centres[split_range(len(centres), rank, world)]
+            sub = view.egonet_sub(mine) if len(mine) and n_scored else None
+        else:
+            nodes = step.section_cells()
+            n_scored = int(sum((step.mask(c) & self.target_ok[c]).sum() for c in nodes))
+            share = balanced_groups([len(c) for c in nodes], world)[rank]
+            sub = view.whole([step.what[i] for i in share]) if share and n_scored else None
+        loss = None
+        if sub is not None:
+            mask = step.mask(sub.nodes)
+            score = np.zeros(len(sub.nodes), bool)
+            score[sub.pos] = True
+            score &= mask & self.target_ok[sub.nodes]
+            loss = self._masked_loss(sub, mask, score, device, reduction="sum")
+        if loss is None:  # nothing scored here: a zero loss that keeps the graph (and every gradient)
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+        return loss / float(n_scored * len(self.genes))
 
     def _draw_train_mask(self, sub: _Sub, rng: np.random.Generator) -> np.ndarray:
         """A new mask on the subgraph's nodes by the configured strategy."""
@@ -566,19 +686,24 @@ class GnnMask(SSLMethod):
         return draw_cell_mask(cfg, len(sub.nodes), rng, labels=labels, label_names=self.data.label_names,
                               adjacency=adj)
 
-    def _masked_loss(self, sub: _Sub, mask: np.ndarray, score: np.ndarray, device) -> torch.Tensor | None:
-        """MSE over all genes of the nodes in `score` (local, bool) with the nodes in `mask` hidden."""
+    def _masked_loss(self, sub: _Sub, mask: np.ndarray, score: np.ndarray, device,
+                     reduction: str = "mean") -> torch.Tensor | None:
+        """MSE (or with reduction='sum' the squared error) over all genes of the nodes in `score`
+        (local, bool) with the nodes in `mask` hidden; only those nodes are decoded."""
+        sel_np = np.flatnonzero(score)
+        if len(sel_np) == 0:
+            return None
         x = self._x(sub.nodes).to(device, non_blocking=True)
         ei = sub.edge_index.to(device)
         ew = sub.edge_weight.to(device) if sub.edge_weight is not None else None
         m = torch.from_numpy(mask).to(device)
-        _, rec = self.model(x, ei, ew, m)
-        sel = torch.from_numpy(np.flatnonzero(score)).to(device)
-        if sel.numel() == 0:
-            return None
-        return F.mse_loss(rec[sel].float(), x[sel].float())
+        sel = torch.from_numpy(sel_np).to(device)
+        _, rec = self.model(x, ei, ew, m, decode_rows=sel)
+        return F.mse_loss(rec.float(), x[sel].float(), reduction=reduction)
 
     def training_loss(self, batch, device) -> dict[str, torch.Tensor]:
+        if isinstance(batch, _Step):
+            return {"loss": self._step_loss(batch, device)}
         sub, mask = batch
         score = np.zeros(len(sub.nodes), bool)
         score[sub.pos] = True  # whole mode: every node; egonet: the centres

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -136,17 +137,46 @@ def similarity_scale_loss_dense(z1: torch.Tensor, z2: torch.Tensor, section: tor
     return diff[use].sum() / use.sum().clamp_min(1)
 
 
+# k-means work (points x clusters x dims) below which it runs on one CPU thread. Its hundreds of
+# tiny ops per call (20 Lloyd steps x 3 granularities per epoch) spent most of their time in
+# thread synchronisation on a loaded 2-core machine: seconds per epoch whatever the slide's size
+# (benchmarks/spotscape_epoch_cost.py). 0 = never (the earlier behaviour, the benchmark's baseline).
+KMEANS_SINGLE_THREAD_WORK = 2**24
+
+
+@contextlib.contextmanager
+def _kmeans_threads(work: float, device: torch.device):
+    """One intra-op thread for a small k-means on the CPU (see KMEANS_SINGLE_THREAD_WORK)."""
+    prev = torch.get_num_threads()
+    if device.type != "cpu" or prev == 1 or work >= KMEANS_SINGLE_THREAD_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def torch_kmeans(x: torch.Tensor, k: int, n_iter: int = 20, generator: torch.Generator | None = None,
                  block_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on x's device (k-means++ seeding); returns (centroids (k, d), labels (N,)).
 
     Distances are computed in row blocks (memory O(block_size x k)); empty clusters are re-seeded
     at the points farthest from their centroid. No gradients flow (call on detached embeddings).
+    Small problems run on one CPU thread (KMEANS_SINGLE_THREAD_WORK).
     """
     x = x.detach().float()
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means: k={k} must be between 1 and the number of points ({n}).")
+    with _kmeans_threads(float(n) * k * x.shape[1], x.device):
+        return _torch_kmeans(x, k, n_iter, generator, block_size)
+
+
+def _torch_kmeans(x: torch.Tensor, k: int, n_iter: int, generator: torch.Generator | None,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
     dev = x.device
     gen = generator
 

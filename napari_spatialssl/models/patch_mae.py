@@ -501,11 +501,18 @@ class PatchMAE(SSLMethod):
                                        torch.as_tensor(batch.mask_noise, device=device))
         return raw, x, occ, genes, masked
 
-    def _masked_loss(self, batch: _Batch, device: torch.device) -> torch.Tensor:
+    def _masked_loss(self, batch: _Batch, device: torch.device, rows: slice | None = None) -> torch.Tensor:
+        """The masked loss of the batch; with `rows` (several devices) this rank's share of it: the
+        error of the patches `rows` only, divided by the whole batch's count (of masked bins x
+        channels, or of patches with loss_per_patch), so that the ranks' shares sum to the loss."""
         raw, x, occ, genes, masked = self._tensors(batch, device)
-        pred = self.model.mae(x, occ, genes, masked)
         p = self.config.token_bins
         bin_masked = self.model.mae.from_tokens(masked[:, :, None].expand(-1, -1, p * p)) & occ
+        if rows is not None:
+            n_patches = int((bin_masked.sum((1, 2)) > 0).sum())
+            n_values = int(bin_masked.sum()) * x.shape[-1]
+            x, occ, genes, masked, bin_masked = x[rows], occ[rows], genes[rows], masked[rows], bin_masked[rows]
+        pred = self.model.mae(x, occ, genes, masked)
         if not bool(bin_masked.any()):
             return pred.sum() * 0.0
         d = pred.float() - x.float()
@@ -515,15 +522,22 @@ class PatchMAE(SSLMethod):
             # the conditional median (first-order MAE gain for a second-order MSE cost near the mean)
             err = err + self.config.loss_l1 * d.abs()
         if not self.config.loss_per_patch:
-            return err[bin_masked].mean()
+            return err[bin_masked].mean() if rows is None else err[bin_masked].sum() / n_values
         # every patch weighs the same, however few bins it hides (a 2 x 2 square as much as 75 %)
         w = bin_masked.float()
         n = w.sum((1, 2))
         per_patch = (err.mean(-1) * w).sum((1, 2)) / n.clamp(min=1)
-        return per_patch[n > 0].mean()
+        return per_patch[n > 0].mean() if rows is None else per_patch[n > 0].sum() / n_patches
+
+    def set_shard(self, ctx) -> None:
+        """Train as one rank of several (distributed.DistContext; None = alone): every rank cuts the
+        same batch of patches (the same random draws); each runs the model on its share of them."""
+        self._shard = ctx if ctx is not None and ctx.active else None
 
     def training_loss(self, batch: _Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"loss": self._masked_loss(batch, device)}
+        ctx = getattr(self, "_shard", None)
+        rows = None if ctx is None else ctx.split(len(batch.patches))
+        return {"loss": self._masked_loss(batch, device, rows)}
 
     def _holdout_batch_list(self, rng: np.random.Generator, channels: str = "sampled") -> list[_Batch]:
         sections = np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in enumerate(self.holdout)])

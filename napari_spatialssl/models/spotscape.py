@@ -487,7 +487,131 @@ class Spotscape(SSLMethod):
         self._prototypes_due = (self.n_slices >= 2 and self.config.lambda_proto > 0
                                 and epoch >= self._proto_start())
 
+    def set_shard(self, ctx) -> None:
+        """Train as one rank of several (distributed.DistContext; None = alone). Each rank owns a
+        contiguous block of spots (by slice, then x) and computes the GCN on them plus their k-hop
+        halo (k = layers), with the whole graph's degrees after the step's edge dropout (every rank
+        draws the same dropout, gene mask and scored rows from the step's seed). Batch norm uses
+        the moments of all ranks' own spots, the telescope the all-reduced d x d Grams, the
+        prototypes an all-reduced k-means (distributed.py): the step equals the one-process step."""
+        self._shard, self._shard_cache = None, {}
+        if ctx is None or not ctx.active:
+            return
+        if self.n_slices >= 2 and self.config.lambda_scale > 0:
+            raise SpatialDataError("spotscape: similarity-scale matching (lambda_scale > 0) compares every spot with "
+                                   "every other and is not split across devices; set lambda_scale=0 or --devices 1.")
+        self._shard = ctx
+
+    def _shard_tensors(self, device: torch.device) -> dict:
+        """This rank's spots, their halo and the local graph (built once per device)."""
+        ctx = self._shard
+        if self._shard_cache.get("device") == str(device):
+            return self._shard_cache
+        data, graph = self.data, self.graph
+        n = data.n_cells
+        order = np.lexsort((data.coords[:, 1], data.coords[:, 0], data.section))
+        own = np.sort(order[ctx.split(n)])
+        reach = np.zeros(n, bool)
+        reach[own] = True
+        A = graph.to_scipy()
+        for _ in range(len(self.model.convs)):  # a spot's embedding depends on its k-hop neighbourhood
+            reach |= (A @ reach.astype(np.float32)) > 0
+        local = np.flatnonzero(reach)
+        pos = np.full(n, -1, np.int64)
+        pos[local] = np.arange(len(local))
+        full = GraphTensors(graph, device)
+        row, col = full.row.cpu().numpy(), full.col.cpu().numpy()
+        inside = np.flatnonzero(reach[row] & reach[col])  # global CSR order: local rows stay sorted
+        owner = np.full(n, -1, np.int64)
+        owner[own] = np.arange(len(own))
+        X = data.X[local]
+        x = _to_device_matrix(X, device)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        self._shard_cache = {
+            "device": str(device), "n": n, "full": full, "x": x, "target": SparseTarget(x),
+            "n_local": len(local), "local": as_t(local), "own_local": as_t(pos[own]),
+            "local_of": as_t(pos), "owner_pos": as_t(owner),
+            "edge_row": as_t(row[inside]), "edge_col": as_t(col[inside]), "edge_uid": full.uid[as_t(inside)],
+            "edge_lrow": as_t(pos[row[inside]]), "edge_lcol": as_t(pos[col[inside]]),
+        }
+        return self._shard_cache
+
+    def _shard_adjacency(self, s: dict, keep_prob: float, gen: torch.Generator) -> NormAdj:
+        """The local part of GraphTensors.normalised (same random draw, the whole graph's degrees)."""
+        full = s["full"]
+        if keep_prob < 1.0 and full.n_undirected:
+            keep_u = torch.rand(full.n_undirected, device=full.device, generator=gen) < keep_prob
+            deg_rows = full.row[keep_u[full.uid]]
+            keep = keep_u[s["edge_uid"]]
+        else:
+            deg_rows, keep = full.row, torch.ones_like(s["edge_uid"], dtype=torch.bool)
+        deg = torch.bincount(deg_rows, minlength=full.n).float() + 1.0
+        dinv = deg.rsqrt()
+        val = dinv[s["edge_row"][keep]] * dinv[s["edge_col"][keep]]
+        lrow, lcol = s["edge_lrow"][keep], s["edge_lcol"][keep]
+        m = s["n_local"]
+        crow = torch.zeros(m + 1, dtype=torch.int64, device=full.device)
+        crow[1:] = torch.cumsum(torch.bincount(lrow, minlength=m), 0)
+        csr = torch.sparse_csr_tensor(crow, lcol, val, size=(m, m), check_invariants=False)
+        return NormAdj(csr, 1.0 / deg[s["local"]])
+
+    def _sharded_training_loss(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """This rank's share of training_loss (see set_shard); the shares of all ranks sum to it."""
+        from .. import distributed as D
+
+        c, ctx = self.config, self._shard
+        s = self._shard_tensors(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(batch["seed"])
+        n, world = s["n"], ctx.world_size
+        n_genes = s["x"].shape[1]
+        own = s["own_local"]
+
+        def norm(module, h, rows, count):
+            return D.batch_norm(module, h, rows, count, ctx) if isinstance(module, nn.BatchNorm1d) else module(h)
+
+        z, l_rec = [], 0.0
+        for _ in range(2):
+            adj = self._shard_adjacency(s, 1.0 - c.edge_drop, gen)
+            mask = (torch.rand(n_genes, device=device, generator=gen) >= c.feature_mask).float()
+            if c.rescale_masked:
+                mask = mask / (1.0 - c.feature_mask)
+            rows = torch.arange(n, device=device)
+            if c.recon_spots is not None and c.recon_spots < n:
+                rows = torch.randperm(n, device=device, generator=gen)[:c.recon_spots]
+            h = s["x"]
+            for i, (conv, bn) in enumerate(zip(self.model.convs, self.model.norms)):
+                h = norm(bn, conv(h, adj, mask if i == 0 else None), own, n)
+                if i < self.model.n_act:
+                    h = F.relu(h)
+            z.append(h[own])
+            mine = rows[s["owner_pos"][rows] >= 0]
+            local_rows = s["local_of"][mine]
+            r = h[local_rows]
+            for layer in self.model.decoder:
+                r = norm(layer, r, None, len(rows))
+            sse = F.mse_loss(r.float(), s["target"].rows(local_rows), reduction="sum")
+            l_rec = l_rec + 0.5 * sse / float(len(rows) * n_genes)
+        l_tel = D.telescope_loss(z[0].float(), z[1].float(), n, ctx) / world
+        loss = c.lambda_recon * l_rec + c.lambda_telescope * l_tel
+        losses = {"recon": l_rec.detach(), "telescope": l_tel.detach()}
+        if getattr(self, "_prototypes_due", False):
+            base = c.proto_k or c.eval.n_domains or 10
+            counts = [m for m in prototype_counts(base, c.proto_granularity) if m < n]
+            z1, z2 = z[0].float(), z[1].detach().float()
+            total = z1.new_zeros(())
+            for m in counts:
+                cent, lab = D.kmeans(z2, m, n, s["owner_pos"], ctx, c.kmeans_iters, generator=gen)
+                total = total + prototype_contrast_loss(z1, cent, lab, c.proto_tau) * (len(z1) / n)
+            l_pc = total / max(len(counts), 1)
+            loss = loss + c.lambda_proto * l_pc
+            losses["proto"] = l_pc.detach()
+        losses["loss"] = loss
+        return losses
+
     def training_loss(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        if getattr(self, "_shard", None) is not None:
+            return self._sharded_training_loss(batch, device)
         c = self.config
         t = self._device_tensors(device)
         gen = torch.Generator(device=device)
