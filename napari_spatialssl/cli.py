@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_output", help="folder for the headless PNG and summary")
     d.add_argument("--headless", action="store_true", help="never open a window, even with a display")
     d.add_argument("--color-by", default=None, help="obs column to colour points by (default: cell type)")
+    d.add_argument("--method", default="gnn-mask", choices=METHOD_IDS, help="method the demo trains (default gnn-mask)")
+    d.add_argument("--epochs", type=int, help="pretraining epochs of the demo run (default: the method's own)")
     d.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -325,7 +327,10 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from ._napari.demo import run_demo
 
-    return run_demo(sample=args.sample, out_dir=args.out, headless=args.headless, color_by=args.color_by)
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs}: must be at least 1.")
+    return run_demo(sample=args.sample, out_dir=args.out, headless=args.headless, color_by=args.color_by,
+                    method=args.method, epochs=args.epochs)
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export, "convert-model": cmd_convert,

@@ -24,10 +24,10 @@ def test_headless_demo_writes_tissue_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "napari_spatialssl.cli", "demo", "--headless", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "napari_spatialssl.cli", "demo", "--headless", "--out", str(out),
+                           "--epochs", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rendered 6,471 cells" in proc.stdout
+    assert "rendered 6,471 cells" in proc.stdout and "trained gnn-mask for 2 epochs" in proc.stdout
 
     shot = imread(out / "tissue.png")
     assert shot.shape[0] >= 600 and shot.shape[1] >= 800
@@ -44,6 +44,18 @@ def test_headless_demo_writes_tissue_png(tmp_path):
         c = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)])
         found += int((np.abs(tissue - c).max(axis=1) <= 6).sum() >= 5)
     assert found >= 15, f"only {found} cell-type colours visible in the PNG"
+
+    # the main job: domains trained by the widget, rendered by napari, and the run's metrics
+    run = summary["run"]
+    assert run["method"] == "gnn-mask" and run["epochs"] == 2 and "masked" in run["headline"][0]["figure"]
+    assert "domains" in run["metrics"] and run["metrics"]["domains"]["n_domains"] == 11  # the 11 osmFISH regions
+    for name in ("domains.png", "reconstruction.png"):
+        img = imread(out / name)[..., :3].reshape(-1, 3).astype(np.int32)
+        painted = img[img.max(axis=1) > 30]
+        assert len(painted) / len(img) > 0.02, f"{name} is (nearly) blank"
+    dom = imread(out / "domains.png")[..., :3].reshape(-1, 3).astype(np.int32)
+    colours = {tuple(c) for c in (dom[dom.max(1) > 30] // 24).tolist()}
+    assert len(colours) >= 11, "the domains PNG does not show distinct domain colours"
 
 
 def test_summary_of_a_slide(starmap_path):

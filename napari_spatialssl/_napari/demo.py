@@ -222,20 +222,54 @@ def _caption(layer_data) -> str:
     return ", ".join(parts)
 
 
-def run_headless(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_output",
-                 color_by: str | None = None) -> dict:
-    """Render the sample slide to ``out_dir/tissue.png`` and write ``out_dir/summary.json``; returns the summary.
+DEMO_REFERENCE = {"osmfish": ("region", "cell_type"), "starmap": ("layer", "cell_type")}
 
-    Starts a private Xvfb when there is no display.
-    """
+
+def _train_in_viewer(viewer, method: str, epochs: int | None, sample: str, settings_file: Path):
+    """The plugin's widget on `viewer`, set up to train `method` on the slide (the method's default
+    epochs unless `epochs`): the main job, as a person would run it from the dock. The widget keeps its
+    settings in `settings_file` (a fresh one: a user's saved settings never change the demo)."""
+    from .widget import SpatialSSLWidget
+    from .widget_settings import ENV_VAR
+
+    os.environ[ENV_VAR] = str(settings_file)
+
+    w = SpatialSSLWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Self-supervised learning", area="right")
+    s = w.session
+    domain_key, label_key = DEMO_REFERENCE.get(sample.lower(), (None, None))
+    adata = s.slide.adata
+    if domain_key in adata.obs.columns:
+        from ..data.io import label_codes
+
+        s.set_keys(domain_key=domain_key, label_key=label_key if label_key in adata.obs.columns else None)
+        s.set_setting("eval.n_domains", len(label_codes(adata, domain_key)[1]), method)
+    s.set_method(method)
+    if epochs is not None:
+        s.set_setting("epochs", int(epochs), method)
+    if method == "gnn-mask":
+        s.set_setting("finetune.epochs", min(50, int(epochs or 50)), method)
+    return w
+
+
+def run_headless(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_output",
+                 color_by: str | None = None, method: str = "gnn-mask", epochs: int | None = None) -> dict:
+    """The main job without a display: the sample slide in napari (``tissue.png``), `method` trained on
+    it for `epochs` by the plugin's widget (``domains.png``: the trained domains on the tissue;
+    ``reconstruction.png``: one gene measured beside its reconstruction) and ``summary.json`` (the
+    slide and the run's metrics). Starts a private Xvfb when there is no display."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from .workers import SYNC_ENV
+
     out = Path(out_dir)
     path, layer_data = _sample_layer(sample, color_by)
-    # A private virtual display, so that no window flashes on a real screen; when Qt is already running
-    # (e.g. inside a test session under xvfb-run) it is bound to its display and we render there.
     if not _qt_app_exists() and (not _has_display() or shutil.which("Xvfb")):
         _private_display()
     if os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal"):
         os.environ["QT_QPA_PLATFORM"] = "xcb"  # the offscreen platform cannot render OpenGL screenshots
+    os.environ[SYNC_ENV] = "1"  # the widget's jobs run inline: the screenshots wait for them
     image = render_tissue_png(layer_data, out / "tissue.png", caption=_caption(layer_data))
     _, kwargs, _ = layer_data
     adata = kwargs["metadata"]["adata"]
@@ -247,10 +281,53 @@ def run_headless(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_out
     cycle = kwargs.get("face_color_cycle")
     if isinstance(cycle, dict):
         summary["colors"] = {str(k): str(v) for k, v in cycle.items()}
+
+    viewer = napari.Viewer(show=True, title="napari-spatialssl demo")
+    try:
+        viewer.window._qt_window.resize(RENDER_SIZE[1] + 450, RENDER_SIZE[0])
+        _add_layer(viewer, layer_data)
+        QApplication.processEvents()
+        w = _train_in_viewer(viewer, method, epochs, sample, out / "widget_settings.json")
+        w.session.train()
+        result = w.session.result(method)
+        QApplication.processEvents()
+        viewer.reset_view(margin=0.02)
+        viewer.text_overlay.text = w.status.text()
+        viewer.text_overlay.visible = True
+        domains = viewer.screenshot(str(out / "domains.png"), size=RENDER_SIZE, canvas_only=True, flash=False)
+        gene = _demo_gene(result)
+        w.session.compare(gene, [method])
+        QApplication.processEvents()
+        viewer.reset_view(margin=0.02)
+        viewer.text_overlay.text = f"{gene}: measured (left) and reconstructed by {method} (right)"
+        recon = viewer.screenshot(str(out / "reconstruction.png"), size=RENDER_SIZE, canvas_only=True, flash=False)
+        summary["run"] = {"method": method, "epochs": int(w.session.config(method).epochs), "status": w.status.text(),
+                          "headline": [{"figure": f, "value": v, "baselines": b} for f, v, b, _ in result.headline()],
+                          "metrics": result.metrics, "gene_shown": gene,
+                          "layers": [layer.name for layer in viewer.layers],
+                          "domains_png": str(out / "domains.png"), "reconstruction_png": str(out / "reconstruction.png"),
+                          "non_background_fraction": {
+                              "domains": float((domains[..., :3].max(-1) > 16).mean()),
+                              "reconstruction": float((recon[..., :3].max(-1) > 16).mean())}}
+        w.close()
+    finally:
+        viewer.close()
     from ..data.io import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     return summary
+
+
+def _demo_gene(result) -> str:
+    """A well-expressed gene the model reconstructs (the most variable of the first model genes)."""
+    genes = result.model_genes()
+    data = getattr(result.trained, "data", None)
+    if data is None:
+        return genes[0]
+    from .overlays import column
+
+    spread = [float(np.var(column(data.X, j))) for j in range(min(len(genes), 50))]
+    return genes[int(np.argmax(spread))]
 
 
 def _json_default(obj):
@@ -263,15 +340,20 @@ def _json_default(obj):
     return repr(obj)
 
 
-def run_interactive(sample: str = "osmfish", color_by: str | None = None) -> int:
-    """Open napari with the sample slide and the plugin's dock widget; blocks until the window closes."""
+def run_interactive(sample: str = "osmfish", color_by: str | None = None, method: str = "gnn-mask",
+                    epochs: int | None = None) -> int:
+    """Open napari with the sample slide and the plugin's dock widget, and start training `method` in the
+    background (progress and results in the dock); blocks until the window closes."""
     import napari
 
     _, layer_data = _sample_layer(sample, color_by)
     viewer = napari.Viewer(title="napari-spatialssl demo")
     _add_layer(viewer, layer_data)
     try:
-        viewer.window.add_plugin_dock_widget("napari-spatialssl", "Self-supervised learning")
+        import tempfile
+
+        w = _train_in_viewer(viewer, method, epochs, sample, Path(tempfile.mkdtemp()) / "widget_settings.json")
+        w.session.guarded(w.session.train)
     except Exception as exc:  # the viewer stays usable without the widget
         print(f"napari-spatialssl demo: could not open the dock widget ({exc})", file=sys.stderr)
     napari.run()
@@ -279,7 +361,7 @@ def run_interactive(sample: str = "osmfish", color_by: str | None = None) -> int
 
 
 def run_demo(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_output", headless: bool = False,
-             color_by: str | None = None) -> int:
+             color_by: str | None = None, method: str = "gnn-mask", epochs: int | None = None) -> int:
     """Entry point of ``napari-spatialssl demo`` / ``make demo``; returns a process exit code.
 
     With a display (and ``headless=False``) opens napari interactively; otherwise writes
@@ -288,9 +370,9 @@ def run_demo(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_output"
     import torch  # noqa: F401  (torch's libraries must load before Qt's)
 
     if not headless and _has_display():
-        return run_interactive(sample, color_by)
+        return run_interactive(sample, color_by, method, epochs)
     try:
-        summary = run_headless(sample, out_dir, color_by)
+        summary = run_headless(sample, out_dir, color_by, method, epochs)
     except RuntimeError as exc:
         print(f"napari-spatialssl demo: {exc}", file=sys.stderr)
         return 1
@@ -298,5 +380,11 @@ def run_demo(sample: str = "osmfish", out_dir: str | os.PathLike = "demo_output"
     print(f"rendered {summary['n_cells']:,} cells x {summary['n_genes']} genes "
           f"({len(summary['sections']['cells'])} section(s)) with napari -> {png['path']} "
           f"({png['width']}x{png['height']}, {png['non_background_fraction']:.0%} tissue pixels)")
+    run = summary["run"]
+    print(f"trained {run['method']} for {run['epochs']} epochs: {run['status']}")
+    for row in run["headline"]:
+        base = ", ".join(f"{k} {v:.3g}" for k, v in row["baselines"].items() if v is not None)
+        print(f"  {row['figure']}: {row['value']:.3g}" + (f" (baselines: {base})" if base else ""))
+    print(f"domains -> {run['domains_png']}; {run['gene_shown']} measured vs reconstructed -> {run['reconstruction_png']}")
     print(f"summary -> {Path(out_dir) / 'summary.json'}")
     return 0

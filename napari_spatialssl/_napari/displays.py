@@ -55,7 +55,7 @@ class Display:
     legend: tuple[str, list] | None = None  # (title, [(label, rgba, count)])
     colorbar: tuple[str, float, float, str] | None = None  # (colormap, lo, hi, label)
     text: str = ""
-    dim_slide: bool | None = None  # previews: the slide layer fades so the view stands out; None = as it is
+    slide: str = "show"  # the slide layer: "show", "dim" (previews stand out on it) or "hide" (a panel covers it)
 
 
 def natural_key(text) -> list:
@@ -281,7 +281,7 @@ def compare_layers(slide, results: list, gene: str, measured: np.ndarray) -> Dis
                         slide.point_size, "compare", None)
     top_left = np.array([pos[:, 0].min(), pos[:, 1].min()])
     anchors = np.array([top_left + np.array(off) for off in offsets]) - [0.02 * np.ptp(pos[:, 0]), 0]
-    return Display([spec, label_spec("compare:titles", titles, anchors, "compare")], top="compare:panels",
+    return Display([spec, label_spec("compare:titles", titles, anchors, "compare")], top="compare:panels", slide="hide",
                    colorbar=("magma", *lim, f"{gene} (model space)"),
                    text=f"{gene}: measured, then each method's reconstruction, side by side on one colour scale.")
 

@@ -137,8 +137,9 @@ class ViewerBridge:
         region = self.viewer.layers[REGION_LAYER] if REGION_LAYER in self.viewer.layers else None
         self.preview_active = any(spec.role == "preview" for spec in display.specs)
         slide = self._slide_layer()
-        if slide is not None:  # previews fade the tissue so that edges, patches and masks stand out
-            slide.opacity = 0.35 if self.preview_active else 1.0
+        if slide is not None:  # previews fade the tissue so that edges and masks stand out; panels cover it
+            slide.opacity = 0.35 if display.slide == "dim" else 1.0
+            slide.visible = display.slide != "hide"
         order = [s.key for s in display.specs if s.key != display.top] + ([display.top] if display.top else [])
         on_top = [self._find(key) for key in order] + [region, self._find("selection")]
         on_top = [layer for layer in on_top if layer is not None and layer in self.viewer.layers]

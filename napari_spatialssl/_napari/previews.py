@@ -147,7 +147,7 @@ def graph_preview(slide, graph, report, cell: int | None = None, hops: int = 1):
         specs.append(spec)
         deg = int(graph.indptr[cell + 1] - graph.indptr[cell])
         text += f" Cell {cell}: {deg} neighbours; its {hops}-hop ego-net has {len(members):,} cells."
-    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text, slide="dim")
 
 
 def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple[int, int], n_channels: int,
@@ -210,7 +210,7 @@ def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple
             f"{len(names)} channels by variance-weighted sampling ({', '.join(names[:6])}"
             f"{'…' if len(names) > 6 else ''}; the first three drawn magenta / green / cyan). Masked: {what}, a new "
             "draw for every patch and step. Click a cell to see the patch around it.")
-    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text, slide="dim")
 
 
 def cell_mask_preview(slide, mask: np.ndarray, strategy: str):
@@ -223,7 +223,7 @@ def cell_mask_preview(slide, mask: np.ndarray, strategy: str):
                        slide.positions[idx], rgba, slide.point_size * 1.3, idx, role="preview")
     text = (f"'{strategy}' hides {len(idx):,} of {len(mask):,} cells ({mask.mean():.1%}), in red. Training draws a "
             "new mask every step; this is the first draw with the training seed.")
-    return Display([spec], top=spec.key, hide_roles=("preview", "compare", "region"), text=text)
+    return Display([spec], top=spec.key, hide_roles=("preview", "compare", "region"), text=text, slide="dim")
 
 
 def view_mask_preview(slide, graph, edge_drop: float, feature_mask: float, seed: int, gene_names):
@@ -243,4 +243,4 @@ def view_mask_preview(slide, graph, edge_drop: float, feature_mask: float, seed:
     names = [str(gene_names[j]) for j in hidden[:8]]
     text = (f"Each step makes two views; in each, {edge_drop:.0%} of edges are dropped (red) and {feature_mask:.0%} "
             f"of genes are hidden from every spot (this draw: {len(hidden)} genes, e.g. {', '.join(names)}).")
-    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text)
+    return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text, slide="dim")

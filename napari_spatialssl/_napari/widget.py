@@ -76,6 +76,8 @@ class SpatialSSLWidget(QWidget):
         ev.settings.connect(lambda *_: self._save_timer.start())
         ev.method.connect(lambda *_: self._save_timer.start())
         self.bridge = ViewerBridge(viewer, self.session)  # last: it offers the viewer's slides at once
+        session, bridge = self.session, self.bridge
+        self.destroyed.connect(lambda *_: _teardown(session, bridge))  # the viewer closed under the widget
         self.session.warm_up()
 
     def _message(self, text: str, level: str) -> None:
@@ -94,6 +96,15 @@ class SpatialSSLWidget(QWidget):
 
     def closeEvent(self, event):  # noqa: N802 - Qt naming
         self.save_settings()
-        self.session.stop()
-        self.bridge.disconnect()
+        _teardown(self.session, self.bridge)
         super().closeEvent(event)
+
+
+def _teardown(session, bridge) -> None:
+    """The widget is gone: stop training, and no event of the Session reaches its deleted panels."""
+    session.stop()
+    try:
+        bridge.disconnect()
+    except (RuntimeError, TypeError, ValueError):  # already disconnected
+        pass
+    session.events.disconnect()
