@@ -47,6 +47,8 @@ class TrainingTask(Protocol):
 
     def on_epoch_start(self, epoch: int, device: torch.device) -> None: ...
 
+    # Optional: ``cpu_threads()`` -> int | None, intra-op CPU threads for this training (None = all),
+    # for tasks whose steps are too small to share out (every op would wait for the slowest thread).
     # Optional, for several devices: ``set_shard(ctx)`` (ctx = DistContext, or None for one
     # process); afterwards `train_batches` yields the same global batches on every rank and
     # `training_loss` returns this rank's share of each value (the shares sum to the global loss).
@@ -195,6 +197,17 @@ class Trainer:
         A stop requested before the run starts is honoured (no epoch runs); the flag is cleared
         when the run ends, so the Trainer can be reused.
         """
+        cfg = self.config
+        threads = task.cpu_threads() if self.device.type == "cpu" and hasattr(task, "cpu_threads") else None
+        prev_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            yield from self._loop(task)
+        finally:
+            torch.set_num_threads(prev_threads)
+
+    def _loop(self, task: TrainingTask) -> Iterator[TrainEvent]:
         cfg = self.config
         dist = self.dist
         rng = seed_everything(cfg.seed)

@@ -72,33 +72,83 @@ def domain_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 # -- graph clustering (Leiden) with a resolution search ------------------------------------------
 
-def _knn_connectivities(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0) -> sp.csr_matrix:
-    """Symmetric k-nearest-neighbour graph of the embeddings (Euclidean), unit weights.
+# Above this many cells the k-NN graph of the Leiden search is approximate (pynndescent) by default:
+# the exact search grows as N^2 (51 s at 100k cells on 2 cores, ~26 h extrapolated at 4.3M).
+EXACT_KNN_MAX_CELLS = 50_000
+KNN_METHODS = ("auto", "exact", "approximate")
 
-    sklearn's exact search (no numba compilation, deterministic); union-symmetrised.
-    """
-    from sklearn.neighbors import NearestNeighbors
 
+def knn_indices(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0, method: str = "auto") -> np.ndarray:
+    """(n, k) indices of each row's k nearest other rows (Euclidean), k = min(n_neighbors, n - 1).
+
+    method: "exact" (scikit-learn, deterministic), "approximate" (pynndescent's nearest-neighbour
+    descent on every row: near-linear time; recall ~0.9-1.0, measured in
+    benchmarks/clustering_scale.py), or "auto": exact up to EXACT_KNN_MAX_CELLS rows, else
+    approximate."""
+    if method not in KNN_METHODS:
+        raise ValueError(f"k-NN method {method!r}: choose one of {KNN_METHODS}.")
+    X = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(X)
+    k = min(n_neighbors, max(n - 1, 1))
+    if method == "auto":
+        method = "exact" if n <= EXACT_KNN_MAX_CELLS else "approximate"
+    if method == "exact" or n <= k + 1:
+        from sklearn.neighbors import NearestNeighbors
+
+        return NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X, return_distance=False)[:, 1:]
+    from pynndescent import NNDescent
+
+    index = NNDescent(X, n_neighbors=k + 1, metric="euclidean", random_state=seed, low_memory=True,
+                      n_jobs=-1, compressed=True, verbose=False)
+    nb, _ = index.neighbor_graph
+    del index
+    # Each row's own index is normally first; drop it (or, if absent, the farthest neighbour).
+    own = nb == np.arange(n)[:, None]
+    drop = np.where(own.any(1), own.argmax(1), k)
+    keep = np.ones_like(nb, dtype=bool)
+    keep[np.arange(n), drop] = False
+    return nb[keep].reshape(n, k)
+
+
+def _knn_connectivities(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0,
+                        method: str = "exact") -> sp.csr_matrix:
+    """Symmetric k-nearest-neighbour graph of the embeddings (Euclidean), unit weights,
+    union-symmetrised; `method` as in :func:`knn_indices` (exact by default: deterministic)."""
     X = np.asarray(embeddings, np.float32)
-    k = min(n_neighbors, max(len(X) - 1, 1))
-    nb = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X, return_distance=False)[:, 1:]
-    rows = np.repeat(np.arange(len(X)), k)
-    A = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, nb.ravel())), shape=(len(X), len(X)))
+    nb = knn_indices(X, n_neighbors, seed, method)
+    k = nb.shape[1]
+    rows = np.repeat(np.arange(len(X), dtype=np.int32), k)
+    A = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, nb.ravel().astype(np.int32))), shape=(len(X), len(X)))
     return A.maximum(A.T).tocsr()
 
 
-def leiden_labels(connectivities: sp.spmatrix, resolution: float, seed: int = 0) -> np.ndarray:
-    """Leiden communities (labels 0..m-1) of a weighted graph at one resolution (igraph backend)."""
+def _igraph(connectivities: sp.spmatrix):
+    """The undirected igraph of a symmetric adjacency, built once for all the resolutions tried
+    (converting the edges is the slow part at atlas scale: microseconds per edge); unit weights
+    are left out (Leiden's default weight is 1)."""
     import igraph as ig
 
     A = sp.triu(sp.csr_matrix(connectivities), k=1).tocoo()
-    g = ig.Graph(n=connectivities.shape[0], edges=np.column_stack([A.row, A.col]).tolist(),
-                 edge_attrs={"weight": A.data.astype(float)}, directed=False)
+    weights = A.data.astype(float)
+    unit = bool(np.all(weights == 1.0))
+    g = ig.Graph(n=connectivities.shape[0], edges=np.column_stack([A.row, A.col]), directed=False)
+    if not unit:
+        g.es["weight"] = weights.tolist()
+    return g
+
+
+def leiden_labels(connectivities, resolution: float, seed: int = 0) -> np.ndarray:
+    """Leiden communities (labels 0..m-1) of a weighted graph at one resolution (igraph backend).
+    `connectivities`: a symmetric sparse adjacency, or an igraph Graph made by :func:`_igraph`."""
+    import igraph as ig
+
+    g = connectivities if isinstance(connectivities, ig.Graph) else _igraph(connectivities)
     import random
 
     random.seed(seed)  # igraph's community_leiden draws from Python's RNG
     ig.set_random_number_generator(random)
-    part = g.community_leiden(objective_function="modularity", weights="weight",
+    part = g.community_leiden(objective_function="modularity",
+                              weights="weight" if "weight" in g.es.attributes() else None,
                               resolution=float(resolution), n_iterations=-1)
     labels = np.asarray(part.membership, dtype=np.int64)
     # Number communities by size (largest first) so that labels are stable to read.
@@ -147,8 +197,8 @@ def assign_by_neighbours(query: np.ndarray, reference: np.ndarray, reference_lab
 def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, *, n_neighbors: int = 15,
                          resolutions: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0),
                          max_clusters: int = 30, seed: int = 0, max_steps: int = 20,
-                         max_graph_cells: int | None = 100_000,
-                         assign_reference_cells: int = 20_000) -> tuple[np.ndarray, dict]:
+                         max_graph_cells: int | None = None,
+                         assign_reference_cells: int = 20_000, knn: str = "auto") -> tuple[np.ndarray, dict]:
     """Leiden clustering of the embeddings' k-NN graph with a search over the resolution.
 
     With `n_clusters` given: bisection on the resolution (0.01 .. 5) until Leiden finds exactly
@@ -157,12 +207,14 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
     `max_clusters` clusters is kept. Returns (labels, info) with info = {resolution, n_clusters,
     criterion, tried: [(resolution, n_clusters, score)]}.
 
-    Atlas scale: with more than `max_graph_cells` rows (None = never), the graph and the search
-    run on that many random rows, and every other row takes the majority label of its
-    `n_neighbors` nearest among `assign_reference_cells` of the clustered rows
-    (`assign_by_neighbours`); info then records ``n_graph_cells`` and ``assigned``. The exact k-NN
-    graph and 8+ Leiden runs over millions of cells do not finish in useful time on a CPU
-    (benchmarks/clustering_scale.py).
+    Atlas scale: the graph holds every row; above EXACT_KNN_MAX_CELLS rows (`knn="auto"`) its
+    k-NN search is approximate (pynndescent, :func:`knn_indices`), as the exact one grows as N^2;
+    info records ``knn``. The graph is built once for all the resolutions tried. With
+    `max_graph_cells` (None = never, the default) the graph and the search run on that many random
+    rows instead, and every other row takes the majority label of its `n_neighbors` nearest among
+    `assign_reference_cells` of the clustered rows (`assign_by_neighbours`; the earlier atlas
+    path, which can miss domains of fewer than ~1 in 10,000 cells); info then records
+    ``n_graph_cells`` and ``assigned``. Measured in benchmarks/clustering_scale.py.
     """
     X = np.asarray(embeddings, np.float32)
     n = len(X)
@@ -171,7 +223,7 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
         sub = np.sort(rng.choice(n, size=max_graph_cells, replace=False))
         sub_labels, info = graph_cluster_search(
             X[sub], n_clusters, n_neighbors=n_neighbors, resolutions=resolutions, max_clusters=max_clusters,
-            seed=seed, max_steps=max_steps, max_graph_cells=None)
+            seed=seed, max_steps=max_steps, max_graph_cells=None, knn=knn)
         ref = rng.choice(len(sub), size=min(len(sub), assign_reference_cells), replace=False)
         rest = np.ones(n, bool)
         rest[sub] = False
@@ -183,7 +235,8 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
             "how": "majority of the nearest clustered cells"})
         info["n_clusters"] = int(len(np.unique(labels)))
         return labels, info
-    conn = _knn_connectivities(X, n_neighbors, seed)
+    knn_used = knn if knn != "auto" else ("exact" if n <= EXACT_KNN_MAX_CELLS else "approximate")
+    conn = _igraph(_knn_connectivities(X, n_neighbors, seed, knn_used))
     tried = []
     if n_clusters is not None:
         lo, hi = 0.01, 5.0
@@ -200,7 +253,7 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
             lo, hi = (mid, hi) if m < n_clusters else (lo, mid)
         res, m, lab = best
         return lab, {"method": "leiden", "resolution": res, "n_clusters": m, "criterion": "target_k",
-                     "tried": tried}
+                     "tried": tried, "knn": knn_used}
     best = None
     for r in resolutions:
         lab = leiden_labels(conn, r, seed)
@@ -211,7 +264,7 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
             best = (float(r), m, score, lab)
     res, m, score, lab = best
     return lab, {"method": "leiden", "resolution": res, "n_clusters": m, "criterion": "silhouette",
-                 "silhouette": score, "tried": tried}
+                 "silhouette": score, "tried": tried, "knn": knn_used}
 
 
 # -- integration of several slices ----------------------------------------------------------------

@@ -135,6 +135,12 @@ class GnnMaskConfig(TrainConfig):
     sections_per_step: int = 1  # whole mode: sections per full-graph step
     batch_size: int = 512  # egonet mode: centre cells per step
     num_hops: int | None = None  # egonet mode: None = number of GNN layers (exact)
+    # egonet mode: which centre cells share a step. "random": any cells (each step's ego-nets barely
+    # overlap: ~15-20 nodes computed per centre at 2 hops); "spatial": cells of one square tile of
+    # ~batch_size cells (tiles at a random offset every epoch, steps in random order), so the
+    # ego-nets overlap and a step computes ~1.2 nodes per centre (benchmarks/gnn_mask_throughput.py);
+    # a centre's output is exact either way, but the cells of a step are neighbours, not a sample
+    egonet_order: str = "random"
     # encoder
     encoder: str = "gcn"  # gcn | gat
     hidden_dims: list[int] = field(default_factory=lambda: [128, 64])
@@ -162,6 +168,8 @@ class GnnMaskConfig(TrainConfig):
         self.mask.validate()
         if self.graph_mode not in ("whole", "egonet"):
             raise SpatialDataError(f"graph_mode must be 'whole' or 'egonet', got {self.graph_mode!r}.")
+        if self.egonet_order not in ("random", "spatial"):
+            raise SpatialDataError(f"egonet_order must be 'random' or 'spatial', got {self.egonet_order!r}.")
         if self.encoder not in ("gcn", "gat"):
             raise SpatialDataError(f"encoder must be 'gcn' or 'gat', got {self.encoder!r}.")
         if not self.hidden_dims:
@@ -345,6 +353,7 @@ class GraphView:
             self.graph = radius_graph(data.coords, self.radius, data.section)
         self.degree = self.graph.degrees().astype(np.float64)
         self.section = data.section
+        self._coords = data.coords
         self.n_sections = data.n_sections
         self.num_hops = int(cfg.num_hops) if cfg.num_hops is not None else len(cfg.hidden_dims)
         self.sampler = EgoNetSampler(self.graph, self.num_hops) if cfg.graph_mode == "egonet" else None
@@ -410,15 +419,40 @@ class GraphView:
         same random draws), so that each rank can build only its own part of a step."""
         cells = np.asarray(cells, dtype=np.int64)
         if self.sampler is not None:
-            if len(cells) > self.cfg.batch_size:
+            bs = self.cfg.batch_size
+            if len(cells) > bs:
                 self.sampler.prepare_batches()
-            cells = rng.permutation(cells)
-            for start in range(0, len(cells), self.cfg.batch_size):
-                yield "egonet", cells[start:start + self.cfg.batch_size]
+            if self.cfg.egonet_order == "spatial":
+                cells = self._tile_order(cells, rng)
+                starts = rng.permutation(np.arange(0, len(cells), bs))
+            else:
+                cells = rng.permutation(cells)
+                starts = range(0, len(cells), bs)
+            for start in starts:
+                yield "egonet", cells[start:start + bs]
             return
         secs = rng.permutation(np.unique(self.section[cells]))
         for i in range(0, len(secs), max(1, sections_per_step)):
             yield "whole", [int(s) for s in secs[i:i + sections_per_step]]
+
+    def _tile_order(self, cells: np.ndarray, rng) -> np.ndarray:
+        """`cells` ordered tile by tile (square tiles of about batch_size cells, per section, at a
+        random offset), in random order within a tile: consecutive batches are compact patches."""
+        xy = self._coords[cells]
+        sec = self.section[cells]
+        n_sec = int(sec.max()) + 1 if len(sec) else 1
+        lo = np.full((n_sec, 2), np.inf)
+        hi = np.full((n_sec, 2), -np.inf)
+        np.minimum.at(lo, sec, xy)
+        np.maximum.at(hi, sec, xy)
+        counts = np.bincount(sec, minlength=n_sec).astype(np.float64)
+        area = np.prod(np.maximum(hi - lo, 1e-9), axis=1) * (np.pi / 4)  # sections are roughly elliptic
+        side = np.sqrt(self.cfg.batch_size * area / np.maximum(counts, 1))  # a tile holds ~batch_size cells
+        rel = (xy - lo[sec]) / side[sec, None] + rng.random(2)  # the same random offset for every section
+        tile = np.floor(rel).astype(np.int64)
+        width = int(tile[:, 0].max()) + 1 if len(tile) else 1
+        key = (sec.astype(np.int64) * (int(tile[:, 1].max()) + 1 if len(tile) else 1) + tile[:, 1]) * width + tile[:, 0]
+        return cells[np.lexsort((rng.random(len(cells)), key))]
 
     def egonet_sub(self, centres: np.ndarray) -> _Sub:
         """The union of the ego-nets of `centres` as a subgraph (egonet mode)."""

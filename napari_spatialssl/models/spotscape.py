@@ -51,6 +51,8 @@ from .losses import (
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 EMBEDDING_POSTPROCESS = ("none", "l2", "standardize", "pca")
+# Spots x genes up to which a training step runs on one CPU thread (Spotscape.cpu_threads); 0 = never
+SMALL_STEP_WORK = 2**25
 
 
 def postprocess_embedding(emb: np.ndarray, how: str = "none", seed: int = 0, pca_dims: int = 20) -> np.ndarray:
@@ -486,6 +488,16 @@ class Spotscape(SSLMethod):
     def on_epoch_start(self, epoch: int, device: torch.device) -> None:
         self._prototypes_due = (self.n_slices >= 2 and self.config.lambda_proto > 0
                                 and epoch >= self._proto_start())
+
+    def cpu_threads(self) -> int | None:
+        """CPU intra-op threads for training (the Trainer asks): one for a small slide (spots x genes
+        <= SMALL_STEP_WORK), else None (all). A small step is hundreds of tiny ops (the k-means of the
+        prototypes most of all), and with every thread each op waits for the slowest: on a shared
+        2-core machine that cost seconds per epoch whatever the slide's size
+        (benchmarks/spotscape_epoch_cost.py)."""
+        if self.data is None:
+            return None
+        return 1 if float(self.data.n_cells) * self.data.n_genes <= SMALL_STEP_WORK else None
 
     def set_shard(self, ctx) -> None:
         """Train as one rank of several (distributed.DistContext; None = alone). Each rank owns a
