@@ -317,7 +317,7 @@ def region_layers(slide, report, gene: str, polygon: np.ndarray, measured_all: n
         bw = np.where(inside[near], RING_WIDTH, 0.0).astype(np.float32)
         titles.append(what if what == "measured" else f"{what}\nMSE {row[f'{what} mse']:.3g}, r {row[f'{what} r']:.2f}")
         parts.append((pos, rgba, near, border, bw, what))
-        anchors.append(corner - [0.03 * tissue[0], 0])
+        anchors.append(corner - [0.05 * tissue[0], 0])
     spec = _panels_spec("region:panels", f"region: {gene} measured | model | baselines", parts,
                         slide.point_size * scale, "region", report.method)
     outline = LayerSpec("region:outline", "shapes", "region hidden from the model", [np.asarray(polygon)],

@@ -134,7 +134,7 @@ def graph_preview(slide, graph, report, cell: int | None = None, hops: int = 1):
     src, dst = sample_edges(graph, PREVIEW_EDGE_SAMPLE, np.random.default_rng(0))
     specs.append(_vectors_spec("preview:edges", f"view: {len(src):,} of {graph.n_edges // 2:,} edges",
                                edge_vectors(pos, src, dst), "#f0f0f0", size * 0.15))
-    text = report.summary() if report is not None else ""
+    text = f"Showing {len(src):,} of {graph.n_edges // 2:,} edges; click a cell to see its {hops}-hop ego-net."
     if cell is not None:
         members = egonet_members(graph, int(cell), hops)
         s2, d2 = edges_of(graph, members)
@@ -146,7 +146,7 @@ def graph_preview(slide, graph, report, cell: int | None = None, hops: int = 1):
                            pos[members], rgba, size * 1.6, members, role="preview")
         specs.append(spec)
         deg = int(graph.indptr[cell + 1] - graph.indptr[cell])
-        text += f" Cell {cell}: {deg} neighbours; its {hops}-hop ego-net has {len(members):,} cells."
+        text = f"Cell {cell}: {deg} neighbours; its {hops}-hop ego-net has {len(members):,} cells (cyan, the cell pink)."
     return Display(specs, top=specs[-1].key, hide_roles=("preview", "compare", "region"), text=text, slide="dim")
 
 

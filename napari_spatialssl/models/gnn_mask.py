@@ -106,6 +106,23 @@ class FinetuneConfig:
     probe_epochs: int = 0
     probe_lr: float = 5e-3
 
+    FIELD_DOCS = {
+        "mode": "full: train the encoder and the classifier head; linear: freeze the encoder (a linear probe).",
+        "epochs": "Most epochs of each fine-tuning training (early stopping usually ends it sooner).",
+        "lr": "Learning rate of fine-tuning.",
+        "weight_decay": "AdamW weight decay of fine-tuning.",
+        "patience": "Fine-tuning stops after this many epochs without a better validation score.",
+        "class_weights": "Weights against class imbalance: balanced, sqrt or none.",
+        "val_fraction": "Share of the labelled training cells held out to choose when to stop.",
+        "batch_size": "Cells per step of the linear probe.",
+        "early_stop_metric": "What early stopping watches: macro_f1 or loss.",
+        "refit": "After early stopping, retrain on every labelled training cell for the chosen epochs.",
+        "label_smoothing": "Label smoothing of the cross-entropy (0 = none).",
+        "dropout": "Encoder dropout while fine-tuning (empty = the pretraining value).",
+        "probe_epochs": "Train the head alone for this many epochs before full fine-tuning (0 = off).",
+        "probe_lr": "Learning rate of that head-only phase.",
+    }
+
 
 @dataclass
 class GnnMaskConfig(TrainConfig):
@@ -163,6 +180,36 @@ class GnnMaskConfig(TrainConfig):
     max_val_cells: int = 20000
     # memory: expression is cached densely when it fits under this size (GB); else densified per step
     dense_cache_gb: float = 1.0
+
+    FIELD_DOCS = {
+        "radius": "Cells closer than this (in the slide's own units) are neighbours in the graph; empty = "
+                  "radius_factor x the distance at which cells have target_degree neighbours.",
+        "radius_factor": "When the radius is empty: the multiple of the typical neighbour distance it is set to.",
+        "target_degree": "When the radius is empty: the neighbour rank whose median distance sets it.",
+        "graph_mode": "whole: train on whole sections; egonet: on k-hop ego-nets of batches of cells (memory "
+                      "does not grow with the slide).",
+        "sections_per_step": "Whole mode: sections per training step.",
+        "batch_size": "Ego-net mode: centre cells per training step.",
+        "num_hops": "Ego-net mode: hops around each centre cell (empty = the number of layers: exact).",
+        "encoder": "Graph layers: gcn (graph convolution) or gat (graph attention).",
+        "hidden_dims": "Widths of the encoder's layers; the last is the embedding's size.",
+        "heads": "GAT only: attention heads per layer.",
+        "dropout": "Feature dropout in the encoder while pretraining.",
+        "norm": "Normalisation after each layer: layer, batch or none.",
+        "residual": "Add each layer's input to its output (a linear projection where widths differ).",
+        "root_skip": "Each layer also adds a linear map of the cell's own input (keeps its own expression).",
+        "decoder": "Decoder from embedding to genes: mlp or linear.",
+        "decoder_hidden": "Width of the MLP decoder's hidden layer.",
+        "mask_token": "What replaces a masked cell's input: a learned token or zeros.",
+        "standardize_input": "Standardise each gene with the training cells' mean and s.d. before the encoder.",
+        "head_skip": "The cell-type head also reads the cell's own standardised expression.",
+        "val_fraction": "Share of cells held out to watch the validation loss.",
+        "max_val_cells": "At most this many validation cells.",
+        "dense_cache_gb": "Keep the expression as a dense array when it fits in this many GB (faster).",
+    }
+    PANELS = {"view": ("radius", "graph_mode", "num_hops", "batch_size", "encoder", "hidden_dims"),
+              "train": ("epochs", "lr", "seed", "device", "eval.n_domains", "eval.domain_method", "finetune.epochs"),
+              "mask": ("mask.strategy", "mask.ratio", "mask.cell_types", "mask.niche_hops")}
 
     def validate(self) -> None:
         self.mask.validate()
@@ -239,15 +286,69 @@ class GraphEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None):
         h = x
+        # GCN with its weights given: propagate as one CSR product per layer (the weighted adjacency
+        # built once per forward), several times faster on the CPU than message passing by scatter
+        # (benchmarks/gnn_mask_throughput.py); the same parameters and the same sums.
+        adj = _gcn_adjacency(edge_index, edge_weight, x.shape[0]) \
+            if self.conv_kind == "gcn" and edge_weight is not None else None
         for i, (conv, norm, skip) in enumerate(zip(self.convs, self.norms, self.skips)):
-            out = conv(h, edge_index, edge_weight) if self.conv_kind == "gcn" else conv(h, edge_index)
+            rowwise = h.map if isinstance(h, _Hidden) else (lambda layer, h=h: layer(h))
+            skip_out = None
+            if adj is not None:
+                if isinstance(skip, nn.Linear) and skip.bias is None and hasattr(conv.lin, "weight"):
+                    # the convolution's and the residual's projections of h as one matrix product
+                    w = torch.cat([conv.lin.weight, skip.weight])
+                    lin_out, skip_out = rowwise(lambda v: F.linear(v, w)).split(
+                        [conv.lin.weight.shape[0], skip.weight.shape[0]], dim=1)
+                else:
+                    lin_out = rowwise(conv.lin)
+                out = _CsrMatmul.apply(adj[0], adj[1], lin_out)
+                if conv.bias is not None:
+                    out = out + conv.bias
+            else:
+                dense = h.dense() if isinstance(h, _Hidden) else h
+                out = conv(dense, edge_index, edge_weight) if self.conv_kind == "gcn" else conv(dense, edge_index)
             if self.roots is not None:
-                out = out + self.roots[i](h)
+                out = out + rowwise(self.roots[i])
             out = F.elu(norm(out))
             if skip is not None:
-                out = out + skip(h)
+                out = out + (skip_out if skip_out is not None else rowwise(skip))
             h = F.dropout(out, self.dropout, self.training)
         return h
+
+
+class _CsrMatmul(torch.autograd.Function):
+    """A @ dense for a sparse CSR A, with A^T given for the backward (no transpose per step); the
+    product runs in A's dtype outside autocast, the gradient comes back in the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, a, a_t, dense):
+        ctx.a_t, ctx.dtype = a_t, dense.dtype
+        with torch.autocast(dense.device.type, enabled=False):
+            return torch.sparse.mm(a, dense.to(a.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, None, torch.sparse.mm(ctx.a_t, grad.contiguous().to(ctx.a_t.dtype)).to(ctx.dtype)
+
+
+def _gcn_adjacency(edge_index: torch.Tensor, edge_weight: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A^T) as CSR tensors with A[target, source] = weight (PyG's order: row 0 source, row 1 target)."""
+    src, dst = edge_index[0], edge_index[1]
+    w = edge_weight.float()
+
+    def csr(rows, cols):
+        key = rows * n + cols
+        if key.device.type == "cpu":  # numpy's sort: ~50x faster than torch's here on a loaded CPU
+            order = torch.from_numpy(np.argsort(key.numpy(), kind="stable"))
+        else:
+            order = torch.argsort(key)
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+        return torch.sparse_csr_tensor(crow, cols[order], w[order], size=(n, n), check_invariants=False)
+
+    return csr(dst, src), csr(src, dst)
 
 
 def make_encoder(n_genes: int, cfg: GnnMaskConfig) -> GraphEncoder:
@@ -283,9 +384,31 @@ class GnnMaskModel(nn.Module):
         (local indices) only those nodes are decoded (training decodes the scored cells alone)."""
         h = self.input_norm(x)
         if mask is not None:
-            h = self.hide(h, mask)
+            # the encoder's first layer maps the token row once, not n copies of it, so no
+            # (nodes x genes) gradient is computed for the input (the same values as hide(h, mask))
+            h = _Hidden(h, mask, self.mask_token)
         z = self.encoder(h, edge_index, edge_weight)
         return z, self.decoder(z if decode_rows is None else z[decode_rows])
+
+
+@dataclass
+class _Hidden:
+    """An encoder input whose `mask` rows are the `token` (GnnMaskModel.hide, kept factored)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    token: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def dense(self) -> torch.Tensor:
+        return torch.where(self.mask[:, None], self.token.to(self.values.dtype)[None, :], self.values)
+
+    def map(self, layer) -> torch.Tensor:
+        """layer(self.dense()) for a row-wise layer, computing the token's row once."""
+        return torch.where(self.mask[:, None], layer(self.token.to(self.values.dtype)[None, :]), layer(self.values))
 
 
 class InputNorm(nn.Module):
@@ -423,21 +546,34 @@ class GraphView:
             if len(cells) > bs:
                 self.sampler.prepare_batches()
             if self.cfg.egonet_order == "spatial":
-                cells = self._tile_order(cells, rng)
-                starts = rng.permutation(np.arange(0, len(cells), bs))
-            else:
-                cells = rng.permutation(cells)
-                starts = range(0, len(cells), bs)
-            for start in starts:
+                for step in self.tile_steps(cells, rng):
+                    yield "egonet", step
+                return
+            cells = rng.permutation(cells)
+            for start in range(0, len(cells), bs):
                 yield "egonet", cells[start:start + bs]
             return
         secs = rng.permutation(np.unique(self.section[cells]))
         for i in range(0, len(secs), max(1, sections_per_step)):
             yield "whole", [int(s) for s in secs[i:i + sections_per_step]]
 
-    def _tile_order(self, cells: np.ndarray, rng) -> np.ndarray:
-        """`cells` ordered tile by tile (square tiles of about batch_size cells, per section, at a
-        random offset), in random order within a tile: consecutive batches are compact patches."""
+    def tile_steps(self, cells: np.ndarray, rng) -> list[np.ndarray]:
+        """egonet_order=spatial: the centre cells of each step, one square tile of about batch_size
+        of `cells` per step (per section, at a random offset), tiles of more than 1.5 x batch_size cut
+        into strips along x; steps in random order. Loops over tiles (~cells / batch_size), not cells."""
+        if not len(cells):
+            return []
+        bs = self.cfg.batch_size
+        ordered, key = self._tile_order(cells, rng)
+        bounds = np.flatnonzero(np.diff(key)) + 1
+        steps: list[np.ndarray] = []
+        for tile in np.split(ordered, bounds):
+            steps.extend(np.array_split(tile, int(np.ceil(len(tile) / bs))) if len(tile) > 1.5 * bs else [tile])
+        return [steps[i] for i in rng.permutation(len(steps))]
+
+    def _tile_order(self, cells: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """(`cells` ordered tile by tile, then by x within a tile; their tile keys) for square tiles of
+        about batch_size cells, per section, at a random offset."""
         xy = self._coords[cells]
         sec = self.section[cells]
         n_sec = int(sec.max()) + 1 if len(sec) else 1
@@ -452,7 +588,8 @@ class GraphView:
         tile = np.floor(rel).astype(np.int64)
         width = int(tile[:, 0].max()) + 1 if len(tile) else 1
         key = (sec.astype(np.int64) * (int(tile[:, 1].max()) + 1 if len(tile) else 1) + tile[:, 1]) * width + tile[:, 0]
-        return cells[np.lexsort((rng.random(len(cells)), key))]
+        order = np.lexsort((xy[:, 0], key))
+        return cells[order], key[order]
 
     def egonet_sub(self, centres: np.ndarray) -> _Sub:
         """The union of the ego-nets of `centres` as a subgraph (egonet mode)."""
@@ -615,12 +752,18 @@ class GnnMask(SSLMethod):
         total = sum(parts.values())
 
         def fit(fraction: float) -> str:
-            if view.sampler is None:
-                r = view.radius * np.sqrt(max(fraction, 1e-6) * 0.8)
-                return (f"use --set radius={r:.3g} (now {view.radius:.3g}, coordinate units) or "
-                        f"--set graph_mode=egonet --set batch_size={max(16, int(256 * fraction))}")
-            b = max(1, int(cfg.batch_size * fraction * 0.8))
-            return f"use --set batch_size={b} (now {cfg.batch_size}) or a smaller radius"
+            # the radius at which cells have few enough neighbours: the edges scale with the mean degree
+            from ..graphs.spacing import neighbour_distance
+
+            k = max(1, int(float(view.degree.mean()) * fraction * 0.8))
+            r = neighbour_distance(data.coords, data.section, k=k)
+            radius = f"--set radius={r:.3g} (now {view.radius:.3g}, coordinate units: about {k} neighbours per cell)"
+            if view.sampler is not None:
+                return f"use --set batch_size={max(1, int(cfg.batch_size * fraction * 0.8))} (now {cfg.batch_size}) " \
+                       f"or {radius}"
+            if view.degree.mean() < 200:  # ego-nets help when a cell's neighbourhood is small
+                return f"use {radius}, or --set graph_mode=egonet --set batch_size={max(16, int(256 * fraction))}"
+            return f"use {radius}"
 
         return MemoryEstimate(total, parts, fit)
 
@@ -664,6 +807,10 @@ class GnnMask(SSLMethod):
         cells = np.arange(self.data.n_cells) if self.view.sampler is None else np.flatnonzero(self.target_ok)
         spp = cfg.sections_per_step
         n = self.view.n_subgraphs(len(cells), self.data.n_sections, spp)
+        tiles = None
+        if self.view.sampler is not None and cfg.egonet_order == "spatial" and cfg.mask.strategy != "niches":
+            tiles = self.view.tile_steps(cells, rng)  # drawn now: the number of steps depends on the tiles
+            n = len(tiles)
 
         if cfg.mask.strategy == "niches":  # niches are drawn on each step's subgraph (one process only)
             def make():
@@ -674,7 +821,9 @@ class GnnMask(SSLMethod):
 
         def steps():
             # Steps carry their mask's seed (see _Step), so that ranks can each build part of a step.
-            for kind, what in self.view.step_parts(cells, rng=rng, sections_per_step=spp):
+            parts = (("egonet", t) for t in tiles) if tiles is not None else \
+                self.view.step_parts(cells, rng=rng, sections_per_step=spp)
+            for kind, what in parts:
                 yield _Step(self, kind, what, int(rng.integers(2**63)))
 
         return _Batches(steps, n)
