@@ -164,6 +164,48 @@ class PatchMAEConfig(TrainConfig):
     reconstruction_layer: bool = True
     dense_cache_mb: float = 1024.0
 
+    FIELD_DOCS = {
+        "bin_size": "Side of one lattice bin, in slide units (empty = bin_factor x the median distance between "
+                    "neighbouring cells: about one cell per bin).",
+        "bin_factor": "When bin_size is empty: bins this many typical cell spacings wide.",
+        "patch_size": "Patch side, in bins.",
+        "token_bins": "Bins per token side (a token is token_bins x token_bins bins; divides patch_size).",
+        "n_channels": "Genes per patch, drawn by variance-weighted sampling.",
+        "min_occupancy": "Share of a training patch's bins that must hold a cell.",
+        "patches_per_epoch": "Training patches per epoch.",
+        "batch_size": "Patches per training step.",
+        "scale_genes": "Divide each gene by its s.d. (else only centred).",
+        "dim": "Width of the encoder (and of the embedding).",
+        "depth": "Transformer layers of the encoder.",
+        "heads": "Attention heads of the encoder.",
+        "decoder_dim": "Width of the decoder.",
+        "decoder_depth": "Transformer layers of the decoder.",
+        "decoder_heads": "Attention heads of the decoder.",
+        "residual_readout": "What a masked bin starts from: local (a learned Gaussian mean of the visible bins "
+                            "around it), patch_mean, attend, or none.",
+        "region_mix": "Share of training patches that hide squares instead of random tokens.",
+        "loss_per_patch": "Average the loss per patch first.",
+        "loss_l1": "Weight of the absolute-error term beside the squared error.",
+        "readout_init_std": "s.d. of the gene readout's initial weights (0 = start at the residual base).",
+        "decoder_deviation": "Add the decoder's correction to the base.",
+        "holdout_fraction": "Share of each section's tiles held out from training (scored after).",
+        "holdout_seed": "Seed of the held-out tiles.",
+        "eval_mask_sizes": "Square sizes (bins) of the masked-region benchmark.",
+        "eval_mask_regions": "Squares per held-out tile in the benchmark.",
+        "eval_mask_repeats": "Draws per square size in the benchmark.",
+        "embed_stride": "Tiling stride for the per-cell embeddings (empty = half a patch).",
+        "eval_batch_size": "Patches per forward pass when embedding.",
+        "probe_train_fraction": "Share of labelled cells the k-NN / MLP probes train on.",
+        "probe_k": "Neighbours of the k-NN probe.",
+        "probe_hidden": "Hidden width of the MLP probe.",
+        "domain_clustering": "joint: domains over all sections together; per_section: each section alone.",
+        "reconstruction_layer": "Write every cell's imputed expression (a cells x genes layer).",
+        "dense_cache_mb": "Memory (MB) for dense copies of the lattices (faster patch cutting).",
+    }
+    PANELS = {"view": ("bin_size", "patch_size", "n_channels", "dim", "depth"),
+              "train": ("epochs", "lr", "seed", "device", "eval.n_domains", "eval.domain_method"),
+              "mask": ("mask.strategy", "mask.ratio", "mask.region_size", "mask.n_regions", "region_mix")}
+
     def validate(self) -> None:
         if self.patch_size < 2:
             raise SpatialDataError(f"patch_size must be at least 2 bins, got {self.patch_size}.")

@@ -153,6 +153,40 @@ class SpotscapeConfig(TrainConfig):
     smooth_domains: bool = True  # also report labels smoothed over the SNN graph (separately)
     eval_masked_genes: float = 0.2  # fraction of genes hidden for the masked-reconstruction figure
 
+    FIELD_DOCS = {
+        "k_neighbors": "Each spot's graph neighbours: at most this many nearest spots of its slice.",
+        "radius": "...within this distance (slide units); empty = radius_factor x the median distance to the "
+                  "target_degree-th nearest spot (about 6 neighbours on Visium in any unit).",
+        "radius_factor": "When the radius is empty: the multiple of the typical neighbour distance.",
+        "target_degree": "When the radius is empty: the neighbour rank whose median distance sets it.",
+        "hidden_dims": "Widths of the GCN encoder's layers; the last is the embedding's size.",
+        "batch_norm": "Batch normalisation after each layer.",
+        "activate_embedding": "ReLU after the last layer too.",
+        "edge_drop": "Share of edges dropped in each augmented view.",
+        "feature_mask": "Share of genes hidden from every spot in each augmented view.",
+        "rescale_masked": "Divide the kept genes by (1 - feature_mask), as dropout does.",
+        "lambda_recon": "Weight of the expression reconstruction loss.",
+        "recon_spots": "Spots whose reconstruction is scored per view and step (empty = all).",
+        "lambda_telescope": "Weight of the similarity telescope (the two views' similarities must agree).",
+        "lambda_scale": "Several slices: weight of similarity-scale matching (0 = off).",
+        "lambda_proto": "Several slices: weight of the prototypical contrast.",
+        "scale_top_k": "Similarity-scale matching: neighbours per spot it matches.",
+        "scale_detach_own": "Similarity-scale matching: a spot's own-slice similarities are the fixed target.",
+        "scale_block_size": "Rows per block of the similarity-scale computation (memory).",
+        "scale_anchor_spots": "Anchor spots per step of the similarity-scale matching (empty = all).",
+        "proto_start_epoch": "Epoch the prototypical contrast starts (empty = half of the epochs).",
+        "proto_granularity": "Numbers of prototypes, as multiples of K.",
+        "proto_k": "Base number of prototypes (empty = K, else 10).",
+        "proto_tau": "Temperature of the prototypical contrast.",
+        "kmeans_iters": "k-means iterations for the prototypes.",
+        "embedding_postprocess": "What domain clustering sees: l2 (unit-length embeddings), none, standardize, pca.",
+        "smooth_domains": "Also report domains smoothed over the graph (a separate column).",
+        "eval_masked_genes": "Share of genes hidden for the masked-reconstruction score.",
+    }
+    PANELS = {"view": ("k_neighbors", "radius", "hidden_dims"),
+              "train": ("epochs", "lr", "seed", "device", "eval.n_domains", "eval.domain_method"),
+              "mask": ("edge_drop", "feature_mask")}
+
     def validate(self) -> None:
         """Cross-field rules and choices (types and ranges: config.validate_config)."""
         self.eval.validate()
