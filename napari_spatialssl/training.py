@@ -222,7 +222,9 @@ class Trainer:
 
             distributed.broadcast_module(model, dist)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # foreach: each update is a few ops over all parameters instead of ~10 per parameter (on a
+        # busy CPU every op costs a thread synchronisation)
+        optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         use_scaler = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         loop = _LoopState()
