@@ -173,11 +173,29 @@ def compare(adata, mode: str, batch: int, n_steps: int) -> dict:
     return out
 
 
+def memory_guard(min_available_gb: float = 1.5) -> None:
+    """Exit at once if the machine's available memory falls below `min_available_gb` (a shared
+    machine: never let this benchmark get another process OOM-killed)."""
+    import threading
+
+    def watch():
+        while True:
+            with open("/proc/meminfo") as fh:
+                info = {line.split(":")[0]: float(line.split()[1]) for line in fh}
+            if info.get("MemAvailable", 1e12) / 1e6 < min_available_gb:
+                print(f"memory guard: less than {min_available_gb} GB available, stopping", flush=True)
+                os._exit(3)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def atlas_epoch(n_cells: int) -> dict:
     """One whole-section epoch of the synthetic atlas through the Trainer, end to end."""
     from napari_spatialssl.data.synthetic import synthetic_slide
     from napari_spatialssl.training import Trainer
 
+    memory_guard()
     t0 = time.perf_counter()
     adata = synthetic_slide(n_cells, 550, 59, 30, n_domains=12, seed=0)
     t_slide = time.perf_counter() - t0
@@ -186,6 +204,7 @@ def atlas_epoch(n_cells: int) -> dict:
     m = make_method(adata, {"graph_mode": "whole", "epochs": 1, "val_fraction": 0.0, "patience": 0,
                             "checkpoint_every": 0, "checkpoint_minutes": 1e9})
     t_prep = time.perf_counter() - t0
+    del adata  # the dataset holds the preprocessed expression the training reads
     print(f"  dataset + graph + model {t_prep:.0f} s, RSS peak {rss_gb():.1f} GB", flush=True)
     t0 = time.perf_counter()
     res = Trainer(m.config).fit(m)

@@ -73,8 +73,10 @@ def domain_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
 # -- graph clustering (Leiden) with a resolution search ------------------------------------------
 
 # Above this many cells the k-NN graph of the Leiden search is approximate (pynndescent) by default:
-# the exact search grows as N^2 (51 s at 100k cells on 2 cores, ~26 h extrapolated at 4.3M).
-EXACT_KNN_MAX_CELLS = 50_000
+# the exact search grows as N^2 (51 s at 100k cells on 2 cores, ~26 h extrapolated at 4.3M), while
+# pynndescent costs a fixed ~2-3 minutes of numba compilation per process on this machine, then
+# near-linear time (benchmarks/clustering_scale.py).
+EXACT_KNN_MAX_CELLS = 150_000
 KNN_METHODS = ("auto", "exact", "approximate")
 
 
@@ -82,9 +84,9 @@ def knn_indices(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0, me
     """(n, k) indices of each row's k nearest other rows (Euclidean), k = min(n_neighbors, n - 1).
 
     method: "exact" (scikit-learn, deterministic), "approximate" (pynndescent's nearest-neighbour
-    descent on every row: near-linear time; recall ~0.9-1.0, measured in
-    benchmarks/clustering_scale.py), or "auto": exact up to EXACT_KNN_MAX_CELLS rows, else
-    approximate."""
+    descent on every row: near-linear time after a fixed compilation cost; its recall against the
+    exact graph is measured in benchmarks/clustering_scale.py), or "auto": exact up to
+    EXACT_KNN_MAX_CELLS rows, else approximate."""
     if method not in KNN_METHODS:
         raise ValueError(f"k-NN method {method!r}: choose one of {KNN_METHODS}.")
     X = np.ascontiguousarray(embeddings, dtype=np.float32)
