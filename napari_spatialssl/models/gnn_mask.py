@@ -780,10 +780,30 @@ class GnnMask(SSLMethod):
         cfg = self.config
         return int(cfg.num_hops) if cfg.num_hops is not None else len(cfg.hidden_dims)
 
-    def _mean_std(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from ..data.dataset import gene_mean_var
-
-        mean, var = gene_mean_var(self.data.X[cells])
+    def _mean_std(self, cells: np.ndarray, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene mean and s.d. over `cells`, in row blocks (no copy of the cells' expression:
+        at atlas scale that copy and its square were ~7 GB)."""
+        X = self.data.X
+        keep = np.zeros(X.shape[0], bool)
+        keep[np.asarray(cells, np.int64)] = True
+        s1 = np.zeros(X.shape[1])
+        s2 = np.zeros(X.shape[1])
+        for start in range(0, X.shape[0], block):
+            rows = np.flatnonzero(keep[start:start + block]) + start
+            if not len(rows):
+                continue
+            sub = X[rows]
+            if sp.issparse(sub):
+                sub = sp.csr_matrix(sub)
+                s1 += np.asarray(sub.sum(axis=0), np.float64).ravel()
+                s2 += np.bincount(sub.indices, weights=np.asarray(sub.data, np.float64) ** 2, minlength=X.shape[1])
+            else:
+                sub = np.asarray(sub, np.float64)
+                s1 += sub.sum(0)
+                s2 += (sub * sub).sum(0)
+        n = max(int(keep.sum()), 1)
+        mean = s1 / n
+        var = np.maximum(s2 / n - mean ** 2, 0.0)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
     def build_model_for(self, n_classes: int) -> GnnMaskModel:
@@ -978,6 +998,9 @@ class GnnMask(SSLMethod):
     def _neighbor_mean(self, cells: np.ndarray, mask_global: np.ndarray) -> np.ndarray:
         """Mean expression of each cell's visible (unmasked) neighbours; the training mean where
         a cell has none."""
+        if len(cells) > 65_536:  # in blocks: A[cells] @ X of a million cells is a few GB of products
+            return np.concatenate([self._neighbor_mean(cells[i:i + 65_536], mask_global)
+                                   for i in range(0, len(cells), 65_536)])
         A = self.view.graph.to_scipy()[cells]
         A = A @ sp.diags((~mask_global).astype(np.float32))
         A = sp.csr_matrix(A)
@@ -991,17 +1014,23 @@ class GnnMask(SSLMethod):
     def _reconstruction_metrics(self, mask_global: np.ndarray, rec_masked: np.ndarray,
                                 tgt_masked: np.ndarray) -> dict:
         cells = np.flatnonzero(mask_global)
-        mse = float(((rec_masked - tgt_masked) ** 2).mean())
-        sst = float(((tgt_masked - tgt_masked.mean(0, keepdims=True)) ** 2).sum())
-        r2 = 1.0 - float(((rec_masked - tgt_masked) ** 2).sum()) / sst if sst > 0 else None
-        nb = self._neighbor_mean(cells, mask_global)
+        # sums over row blocks: at atlas scale each (masked cells x genes) temporary is ~2 GB
+        n_val = max(tgt_masked.size, 1)
+        col_mean = tgt_masked.mean(0, dtype=np.float64)
+        sse = sst = base_mean = base_nb = 0.0
+        for i in range(0, len(cells), 65_536):
+            t = tgt_masked[i:i + 65_536].astype(np.float64)
+            sse += float(((rec_masked[i:i + 65_536] - t) ** 2).sum())
+            sst += float(((t - col_mean) ** 2).sum())
+            base_mean += float(((self.gene_mean[None, :] - t) ** 2).sum())
+            base_nb += float(((self._neighbor_mean(cells[i:i + 65_536], mask_global) - t) ** 2).sum())
         return {
-            "masked_mse": mse,
-            "masked_r2": r2,
+            "masked_mse": sse / n_val,
+            "masked_r2": 1.0 - sse / sst if sst > 0 else None,
             "n_masked_cells": int(len(cells)),
             "baselines": {
-                "train_mean": float(((self.gene_mean[None, :] - tgt_masked) ** 2).mean()),
-                "neighbor_mean": float(((nb - tgt_masked) ** 2).mean()),
+                "train_mean": base_mean / n_val,
+                "neighbor_mean": base_nb / n_val,
             },
         }
 
