@@ -112,7 +112,8 @@ def load(quick: bool, synthetic: bool):
 
 
 def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants: list[str], tune: bool,
-             train_name: str, test_name: str, data_overrides: dict | None, quick: bool, done: set) -> list[dict]:
+             train_name: str, test_name: str, data_overrides: dict | None, quick: bool, done: set,
+             random_init: bool = True) -> list[dict]:
     if all((seed, f, v, tune, " ".join(pretrain_extra)) in done for f in fractions for v in variants):
         return []
     import torch
@@ -188,7 +189,8 @@ def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants
             ft_train, ft_val = method._finetune_split(subset)
             torch.manual_seed(seed + 1000)
             random_encoder = make_encoder(len(method.genes), method.config)
-            for tag, enc in (("pretrained", method.model.encoder), ("random_init", random_encoder)):
+            encoders = [("pretrained", method.model.encoder)] + ([("random_init", random_encoder)] if random_init else [])
+            for tag, enc in encoders:
                 seed_everything(seed)
                 t1 = time.perf_counter()
                 model, info, _ = method._finetune(enc, ft_train, ft_val, train_cells, k, dev, Trainer, tag)
@@ -199,8 +201,7 @@ def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants
             data.labels = truth
             rows.append(row)
             print(json.dumps({"seed": seed, "fraction": frac, "variant": name, "n": len(subset),
-                              **{t: round(row[t]["macro_f1"], 3) for t in ("pretrained", "random_init", "logreg",
-                                                                          "mlp")}}), flush=True)
+                              **{t: round(row[t]["macro_f1"], 3) for t in CLASSIFIERS if t in row}}), flush=True)
     return rows
 
 
@@ -220,7 +221,7 @@ def summarise(rows: list[dict]) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for (tune, pre, var, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "default",
                                                                                    kv[0][2], kv[0][3])):
-            v = {c: np.array([r[c][metric] for r in rs]) for c in CLASSIFIERS}
+            v = {c: np.array([r[c][metric] if c in r else np.nan for r in rs]) for c in CLASSIFIERS}
             best_base = np.maximum(v["logreg"].mean(), v["mlp"].mean())
             cell = lambda x: f"{x.mean():.3f} ± {x.std():.3f}"
             out.append(f"| {'outer split' if tune else 'held-out section'}{' (' + pre + ')' if pre else ''} | {var} "
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="score on an outer split of the training section")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 fractions, short training; prints one JSON line")
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic slide instead of the MERFISH file")
+    p.add_argument("--no-random-init", action="store_true", help="skip the random-init fine-tuning (tuning runs)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
     import torch
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             done = {(r["seed"], r["fraction"], r["variant"], r["tune"], " ".join(r["pretrain"])) for r in rows}
             new = run_seed(adata, seed, fracs, pretrain_extra=args.extra, variants=args.variants.split(","),
-                           tune=args.tune, train_name=tr, test_name=te, data_overrides=dov, quick=False, done=done)
+                           tune=args.tune, train_name=tr, test_name=te, data_overrides=dov, quick=False, done=done,
+                           random_init=not args.no_random_init)
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a") as fh:
                 for r in new:

@@ -55,7 +55,7 @@ PEERS = {
     # banksy-py 0.0.7 (its newest) pins numpy==1.22.4, pandas==1.5.2, anndata==0.8.0, scanpy==1.9.1 ...;
     # a bare `pip install banksy-py` backtracks to 0.0.1, an early snapshot. The authors publish BANKSY
     # as `pybanksy` now (v1.3.x, same `banksy` import), which is what runs here when 0.0.7 will not.
-    "banksy": {"packages": [["banksy-py==0.0.7"], ["pybanksy"]], "torch": False, "import": "banksy"},
+    "banksy": {"packages": [["banksy-py==0.0.7"], ["pybanksy", "scikit-misc"]], "torch": False, "import": "banksy"},
     "cellcharter": {"packages": [["cellcharter", "scvi-tools"]], "torch": True, "import": "cellcharter"},
     "novae": {"packages": [["novae"]], "torch": True, "import": "novae"},
 }
@@ -128,7 +128,7 @@ def setup_env(peer: str) -> dict:
             with log_path.open() as fh:
                 fh.seek(start)
                 tail = [ln.rstrip() for ln in fh.read().splitlines() if ln.strip()]
-            errs = [ln for ln in tail if "error" in ln.lower()] or tail
+            errs = [ln for ln in tail if "error" in ln.lower() or " depends on " in ln] or tail
             record["attempts"].append({"packages": pkgs, "ok": False, "error": "\n".join(errs[-12:])})
     if "installed" not in record:
         record["error"] = "no package set installed; see attempts"

@@ -247,6 +247,10 @@ def apply_overrides(cfg, overrides: list[str] | dict | None, *, parse_text: bool
             target = getattr(target, p)
         leaf = parts[-1]
         fields = {f.name: f for f in dataclasses.fields(target)}
+        renamed = getattr(type(target), "RENAMED_FIELDS", {}).get(leaf)
+        if leaf not in fields and renamed:  # a setting that moved (e.g. domain_method -> eval.domain_method)
+            apply_overrides(target, {renamed: value}, parse_text=parse_text)
+            continue
         if leaf not in fields:
             raise SpatialDataError(
                 f"--set {name}: unknown setting {leaf!r} for {type(target).__name__}; known: {sorted(fields)}."

@@ -224,6 +224,13 @@ def rank_device(device: torch.device, ctx: DistContext | None) -> torch.device:
     return device
 
 
+def local_device_counts() -> dict:
+    """What a "devices" choice can offer on this machine (the widget's spin box): CUDA GPUs
+    (one rank each) and CPU cores (gloo ranks share them)."""
+    return {"cuda": int(torch.cuda.device_count()) if torch.cuda.is_available() else 0,
+            "cpu_cores": int(os.cpu_count() or 1)}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

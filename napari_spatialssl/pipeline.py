@@ -232,7 +232,8 @@ class Pipeline:
             **results.metrics,
         }
         result_adata = write_results(adata, self.method_cls.name, data, results, self.config, metrics)
-        write_run_graph(result_adata, self.method, data)  # squidpy's keys: obsp / uns['spatial_neighbors']
+        if data.spatial_graph is None:  # squidpy's keys (obsp / uns['spatial_neighbors']); a user's graph stays
+            write_run_graph(result_adata, self.method, data)
         files = {}
         if run is not None:
             yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="writing the run folder",
@@ -626,7 +627,8 @@ def predict(adata, model_dir: str | Path, out_dir: str | Path | RunFolder | None
         metrics = {"method": method.name, "device": str(dev), "predict_seconds": time.perf_counter() - t0,
                    "missing_genes": missing, "n_missing_genes": len(missing), **results.metrics}
         result_adata = write_results(adata, method.name, data, results, cfg, metrics)
-        write_run_graph(result_adata, method, data)
+        if data.spatial_graph is None:
+            write_run_graph(result_adata, method, data)
         files = {}
         if run is not None:
             atomic_write_h5ad(result_adata, run.staging / "result.h5ad", overwrite=True)

@@ -133,6 +133,10 @@ def _run(method: str, adata, *, key_added: str | None, copy: bool, n_domains: in
     else:
         target = adata
         _put_results(result, target, method, key)
+    if copy and graph_key != SQUIDPY_KEY and not has_squidpy_graph(adata, SQUIDPY_KEY):
+        for k in squidpy_keys(SQUIDPY_KEY)[:2]:  # the pipeline wrote the run's graph under the default key
+            target.obsp.pop(k, None)
+        target.uns.pop(squidpy_keys(SQUIDPY_KEY)[2], None)
     if not keep_graph:
         write_run_graph(target, out.method, out.method.data, key_added=graph_key)
     elif copy:  # the result may hold the run's graph there; the user's stays

@@ -474,7 +474,7 @@ def test_kill_9_at_random_moments_leaves_complete_or_absent_run_folders(slide_pa
     duration = time.time() - t0
     rng = np.random.default_rng(0)
     outcomes = {"absent": 0, "complete": 0}
-    for i in range(10):
+    for i in range(6):
         target = out if i % 2 else tmp_path / f"fresh{i}"  # alternate: replacing a run / a new folder
         proc = subprocess.Popen(_cli(*args, "--out", str(target)), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -486,7 +486,7 @@ def test_kill_9_at_random_moments_leaves_complete_or_absent_run_folders(slide_pa
             outcomes["complete"] += 1
         else:
             outcomes["absent"] += 1
-    assert sum(outcomes.values()) == 10
+    assert sum(outcomes.values()) == 6
     assert out.exists()  # the run being replaced was never lost: the old one or the new one is there
     verify_run(out)
 

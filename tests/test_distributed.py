@@ -113,6 +113,24 @@ def test_cli_fit_with_two_devices_writes_one_run_folder(tmp_path):
     assert not any(p.name.startswith(".") and p.is_dir() for p in tmp_path.iterdir() if p != out)
 
 
+def test_pipeline_with_two_local_devices_is_rank_0_and_writes_the_run(tmp_path):
+    """Pipeline(..., devices=2) (the Python API and the widget): this process is rank 0, one helper
+    process trains the other share; the events, the output and the run folder are rank 0's."""
+    from napari_spatialssl.data.synthetic import synthetic_slide
+    from napari_spatialssl.pipeline import Pipeline, make_config
+
+    adata = synthetic_slide(n_cells=800, n_genes=30, n_sections=2, n_cell_types=5, n_domains=3, seed=1)
+    cfg = make_config("patch-mae", {"epochs": 2, "patch_size": 8, "n_channels": 12, "patches_per_epoch": 64,
+                                    "batch_size": 32, "dim": 16, "decoder_dim": 16, "depth": 1, "device": "cpu",
+                                    "eval.n_domains": 3, "data.section_key": "section"})
+    events = []
+    out = Pipeline("patch-mae", cfg, devices=2).fit(adata, tmp_path / "run", callback=events.append)
+    assert out.metrics["training_processes"] == 2 and (tmp_path / "run" / "manifest.json").is_file()
+    start = next(e for e in events if e.kind == "start" and e.stage == "pretraining")
+    assert "2 processes" in start.message
+    assert D.local_device_counts()["cpu_cores"] >= 1
+
+
 def test_cli_devices_error_is_one_line(tmp_path):
     from napari_spatialssl.cli import main
 

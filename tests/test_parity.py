@@ -16,12 +16,12 @@ from napari_spatialssl.data.io import read_h5ad
 from napari_spatialssl.pipeline import _jsonable
 
 SETTINGS = {
-    "gnn-mask": {"epochs": 2, "seed": 3, "hidden_dims": [16, 8], "decoder_hidden": 16, "finetune.epochs": 2},
-    "spotscape": {"epochs": 2, "seed": 3, "hidden_dims": [32, 8], "k_neighbors": 10},
+    "gnn-mask": {"epochs": 2, "seed": 3, "hidden_dims": [16, 8], "decoder_hidden": 16},
+    "spotscape": {"epochs": 2, "seed": 3, "hidden_dims": [32, 8], "k_neighbors": 10, "eval_masked_genes": 0.2},
     "patch-mae": {"epochs": 1, "seed": 3, "patch_size": 8, "n_channels": 8, "patches_per_epoch": 16, "batch_size": 8,
                   "dim": 16, "decoder_dim": 16, "depth": 1, "eval_mask_sizes": [2], "eval_mask_repeats": 1},
 }
-KEYS = {"data.section_key": None, "data.label_key": "cell_type", "eval.domain_key": "region", "device": "cpu"}
+KEYS = {"data.section_key": None, "data.label_key": None, "eval.domain_key": "region", "device": "cpu"}
 VOLATILE = ("seconds", "elapsed", "versions", "cells_per_second", "device")
 
 
@@ -60,7 +60,7 @@ def test_cli_python_and_session_agree(method, k, osmfish_path, tmp_path):
     session = Session(InlineRunner())
     session.open_slide(Slide.from_adata(read_h5ad(osmfish_path), "osmfish"))
     session.set_method(method)
-    session.set_keys(section_key=None, label_key="cell_type", domain_key="region")
+    session.set_keys(section_key=None, label_key=None, domain_key="region")
     for name, value in settings.items():
         if not name.startswith(("data.", "eval.domain_key")):
             session.set_setting(name, value)
