@@ -82,8 +82,13 @@ def test_previews_for_each_view(osmfish):
     assert any("dropped" in s.name for s in rec.last("display")[0].specs)
     session.set_method("patch-mae")
     session.preview_view()
-    kinds = {s.kind for s in rec.last("display")[0].specs}
-    assert {"shapes", "image"} <= kinds
+    specs = {s.key: s for s in rec.last("display")[0].specs}
+    grid, mask = specs["preview:patch-grid"], specs["preview:patch-mask"]
+    # the grid as line segments, 4 per patch; the hidden bins as one RGBA image over the patch
+    assert grid.kind == "vectors" and grid.data.shape[1:] == (2, 2) and len(grid.data) % 4 == 0
+    assert mask.kind == "image" and mask.data.ndim == 3 and mask.data.shape[2] == 4
+    assert 0 < (mask.data[..., 3] > 0).mean() < 1  # some bins hidden, not all
+    assert sum(s.kind == "image" for s in specs.values()) >= 2  # the patch's gene channels too
     assert not rec.errors(), rec.errors()
 
 

@@ -44,6 +44,15 @@ class ViewerBridge:
         self.viewer, self.session = viewer, session
         self.preview_active = False
         self._selecting = False
+        from .workers import sync_workers
+
+        # Adding a layer costs napari ~0.5-0.7 s on the main thread here (layer controls, shaders, first
+        # draw under software GL): a display that adds several layers adds one per turn of the event
+        # loop, so that the viewer repaints and takes input between them. Inline (test) mode writes
+        # everything at once.
+        self.stage_new_layers = not sync_workers()
+        self._queue: list[tuple[Display, list[LayerSpec]]] = []
+        self._staging = False
         session.slide_provider = self.slide_from_layer
         ev = session.events
         ev.display.connect(self.write)
@@ -127,9 +136,41 @@ class ViewerBridge:
         return None
 
     def write(self, display: Display) -> None:
+        self._queue.append((display, list(display.specs)))
+        if not self._staging:
+            self._write_queued(direct=True)
+
+    def _is_new(self, spec: LayerSpec) -> bool:
+        layer = self._find(spec.key)
+        return layer is None or type(layer).__name__.lower() != spec.kind
+
+    def _write_queued(self, direct: bool = False) -> None:
+        self._staging = True
+        try:
+            added = False
+            while self._queue:
+                display, todo = self._queue[0]
+                while todo:
+                    new = self._is_new(todo[0])
+                    if new and added and self.stage_new_layers:
+                        from qtpy.QtCore import QTimer
+
+                        QTimer.singleShot(0, self._write_queued)  # the rest on the next turn
+                        return
+                    self._write_spec(todo.pop(0))
+                    added = added or new
+                self._queue.pop(0)
+                self._finish(display)
+        except Exception:  # noqa: BLE001
+            self._queue.clear()
+            self._staging = False
+            if direct:  # the caller (the Session's event) reports it in the status line
+                raise
+            log.exception("writing layers failed")  # on a later turn: never take the viewer down
+        self._staging = False
+
+    def _finish(self, display: Display) -> None:
         keys = {spec.key for spec in display.specs}
-        for spec in display.specs:
-            self._write_spec(spec)
         for layer in self.viewer.layers:  # the views this one replaces step back
             role = layer.metadata.get("spatialssl_role")
             if role in display.hide_roles and layer.metadata.get(KEY) not in keys:

@@ -110,6 +110,13 @@ def rectangles(origins_xy: np.ndarray, size_xy: tuple[float, float], section: np
     return flat.reshape(-1, 4, 2)
 
 
+def box_edges(boxes: np.ndarray) -> np.ndarray:
+    """The outline of (n, 4, 2) boxes as napari vectors (4n, 2, 2): each side's start and its direction."""
+    boxes = np.asarray(boxes, np.float64)
+    nxt = np.roll(boxes, -1, axis=1)
+    return np.stack([boxes, nxt - boxes], axis=2).reshape(-1, 2, 2)
+
+
 # ------------------------------------------------------------------------------------ preview layers
 # Built off the main thread (the Session's side jobs); layer_updates only writes them.
 
@@ -165,11 +172,10 @@ def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple
         org = tiled_origins(lat, h, w)
         xy = np.stack([lat.origin[0] + org[:, 1] * bin_size, lat.origin[1] + org[:, 0] * bin_size], 1)
         boxes.append(rectangles(xy, (w * bin_size, h * bin_size), s, tr))
-    specs = [LayerSpec("preview:patch-grid", "shapes", f"view: patch grid ({h} x {w} bins of {bin_size:.3g})",
-                       list(np.concatenate(boxes)), {"shape_type": "rectangle", "edge_color": "#f0f0f0",
-                                                     "face_color": "transparent",
-                                                     "edge_width": tr.length(bin_size * 0.15)},
-                       None, {"spatialssl_role": "preview"}, "preview")]
+    # The grid as line segments (4 per patch) in one Vectors layer: napari triangulates every Shapes
+    # rectangle in Python on the main thread (~2 ms each), a Vectors layer takes them as one array.
+    specs = [_vectors_spec("preview:patch-grid", f"view: patch grid ({h} x {w} bins of {bin_size:.3g})",
+                           box_edges(np.concatenate(boxes)), "#f0f0f0", tr.length(bin_size * 0.15))]
     section = int(geometry.section[cell]) if cell is not None else 0
     lat = lattices[section]
     if cell is not None:
@@ -199,12 +205,11 @@ def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple
         tokens = random_cells((h // t) * (w // t), float(mask_cfg.ratio), rng).reshape(h // t, w // t)
         mask = np.kron(tokens, np.ones((t, t), dtype=bool))
         what = f"{int(tokens.sum())} of {tokens.size} tokens ({t} x {t} bins each)"
-    r, c = np.nonzero(mask)
-    tl = corner[None, :] + (np.stack([r, c], 1) - 0.5) * scale
-    rects = np.stack([tl, tl + [0, scale], tl + [scale, scale], tl + [scale, 0]], 1)
-    specs.append(LayerSpec("preview:patch-mask", "shapes", f"mask preview: {what} hidden (red)", list(rects),
-                           {"shape_type": "rectangle", "edge_color": "transparent",
-                            "face_color": [1.0, 0.2, 0.2, 0.45], "edge_width": 0}, None,
+    # The hidden bins as one translucent red image over the patch (same grid as the channel images).
+    overlay = np.zeros(mask.shape + (4,), np.float32)
+    overlay[mask] = (1.0, 0.2, 0.2, 0.45)
+    specs.append(LayerSpec("preview:patch-mask", "image", f"mask preview: {what} hidden (red)", overlay,
+                           {"rgb": True, "translate": tuple(corner), "scale": (scale, scale)}, None,
                            {"spatialssl_role": "preview"}, "preview"))
     text = (f"Patch at bin (row {origin[0, 0]}, col {origin[0, 1]}) of section {geometry.section_names[section]}: "
             f"{len(names)} channels by variance-weighted sampling ({', '.join(names[:6])}"

@@ -43,6 +43,12 @@ def _warm_up() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    try:  # napari's unit registry (pint) is built lazily, ~0.3 s, on the first layer added: build it here
+        import pint
+
+        pint.get_application_registry()("pixel")
+    except Exception:  # noqa: BLE001  (a warm-up never fails a session)
+        pass
     from .figures import warm_up
 
     warm_up()
