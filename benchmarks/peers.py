@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,7 +374,7 @@ def worker_cellcharter(a, seed: int) -> dict:
     with n_layers=3, then cc.tl.Cluster (its GMM) with K components."""
     import numpy as np
 
-    torch = _torch_setup(seed)
+    _torch_setup(seed)
     import cellcharter as cc
     import scvi
     import squidpy as sq
@@ -721,8 +720,6 @@ def _ms(values, fmt="{:.3f}") -> str:
 
 
 def cmd_report(args) -> int:
-    import numpy as np
-
     rows = _records(RESULTS / "scores.jsonl")
     runs = _records(RESULTS / "runs.jsonl")
     for case in CASES:
