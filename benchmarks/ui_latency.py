@@ -57,6 +57,22 @@ def stall_sampler(ticks: list[float], main_ident: int, current: list, threshold_
                         if "benchmarks" not in f.filename][-6:]
                 samples[(current[0], " <- ".join(reversed(keep)))] += 1
 
+    import gc
+    import threading as _t
+
+    started: dict = {}
+
+    def on_gc(phase, info):  # a full collection holds the interpreter lock: every thread waits
+        ident = _t.get_ident()
+        if phase == "start":
+            started[ident] = time.perf_counter()
+        elif ident in started:
+            ms = (time.perf_counter() - started.pop(ident)) * 1000
+            if ms > 50:
+                where = "main" if ident == main_ident else "worker"
+                samples[(current[0], f"garbage collection gen {info['generation']} in a {where} thread: {ms:.0f} ms")] += 1
+
+    gc.callbacks.append(on_gc)
     threading.Thread(target=run, daemon=True).start()
     return samples, stop
 
