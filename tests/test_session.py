@@ -153,3 +153,29 @@ def test_results_survive_a_new_session(osmfish):
     # a slide opened from disk with results in it: adopted from uns['spatialssl']
     from_disk = adopt({"adata": session.slide.adata})
     assert "gnn-mask" in from_disk and from_disk["gnn-mask"].source == "adopted"
+
+
+def test_training_on_two_local_processes(tmp_path):
+    """The Train panel's 'Processes' (fit --devices): the Session trains on 2 local gloo processes, this
+    one rank 0, and the result is adopted like any other; impossible counts are one clear line."""
+    from napari_spatialssl.data.io import SpatialDataError
+    from napari_spatialssl.data.synthetic import synthetic_slide
+
+    adata = synthetic_slide(n_cells=600, n_genes=24, n_sections=2, n_cell_types=4, n_domains=3, seed=2)
+    session = Session(InlineRunner())
+    rec = Recorder(session)
+    session.open_slide(Slide.from_adata(adata, "synthetic"))
+    with pytest.raises(SpatialDataError, match="devices: 0 .* offers 1 to"):
+        session.set_devices(0)
+    with pytest.raises(SpatialDataError, match="devices: 10000"):
+        session.set_devices(10_000)
+    assert session.devices == 1
+    session.set_devices(2)
+    session.set_method("patch-mae")
+    for k, v in {**TINY["patch-mae"], "epochs": 2, "eval.n_domains": 3, "device": "cpu"}.items():
+        session.set_setting(k, v)
+    session.train()
+    assert not rec.errors(), rec.errors()
+    result = session.result("patch-mae")
+    assert result.metrics["training_processes"] == 2
+    assert result.has("domains") and len(set(result.adata.obs["patch-mae_domain"])) == 3

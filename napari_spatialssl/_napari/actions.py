@@ -163,7 +163,8 @@ def train(session):
 
     slide = session.require_slide()
     method = session.method
-    pipeline = Pipeline(method, copy.deepcopy(session.config()))  # validated here, before any work
+    pipeline = Pipeline(method, copy.deepcopy(session.config()),  # validated here, before any work
+                        devices=session.devices)
     session._pipeline = pipeline
     tracker = ProgressTracker()
 
@@ -179,7 +180,8 @@ def train(session):
         session.say(finished_text(output) + " Results are on the tissue (Results).")
         result_actions.show(session, method, "domains" if result.has("domains") else "embedding")
 
-    _main_job(session, "training", f"Training {method} on {slide.adata.n_obs:,} cells…", _train_job,
+    where = f" on {session.devices} processes" if session.devices > 1 else ""
+    _main_job(session, "training", f"Training {method} on {slide.adata.n_obs:,} cells{where}…", _train_job,
               (pipeline, slide.adata, slide.name), done, on_event)
 
 

@@ -130,6 +130,7 @@ class Session:
         self.region_report = None
         self.region_polygon: np.ndarray | None = None
         self.selected_cells = np.zeros(0, np.int64)
+        self.devices = 1  # training processes (the CLI's fit --devices): one per GPU, or gloo ranks on CPU
 
     # -- messages --------------------------------------------------------------------------
     def say(self, text: str, level: str = "info") -> None:
@@ -233,6 +234,26 @@ class Session:
         self.configs[method] = trial
         self.events.settings.emit(method)
         return True
+
+    def max_devices(self) -> int:
+        """How many training processes this machine offers: one per CUDA GPU, else one per CPU core
+        (gloo ranks sharing the cores)."""
+        from ..distributed import local_device_counts
+
+        counts = local_device_counts()
+        return max(1, counts["cuda"] or counts["cpu_cores"])
+
+    def set_devices(self, n) -> None:
+        """Train on `n` local processes (data-parallel, torch.distributed): this one is rank 0."""
+        from ..distributed import local_device_counts
+
+        top = self.max_devices()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= top:
+            what = "GPUs" if local_device_counts()["cuda"] else "CPU cores"
+            raise SpatialDataError(f"devices: {n!r} training processes asked for; this machine offers 1 to {top} "
+                                   f"({top} {what}).")
+        self.devices = int(n)
+        self.events.settings.emit(self.method)
 
     def set_keys(self, **keys) -> None:
         """The slide's keys, for every method: section_key, label_key, domain_key (None = none),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QFileDialog, QProgressBar, QStackedWidget, QVBoxLayout, QWidget
-
-from ...config import panel_settings
-from ..forms import SettingsForm
 import time
 
+from qtpy.QtWidgets import QFileDialog, QProgressBar, QSpinBox, QStackedWidget, QVBoxLayout, QWidget
+
+from ...config import panel_settings
 from ..figures import loss_figure
+from ..forms import SettingsForm
 from ..plots import FigureView
 from ..progress import planned_stages
 from .common import button, label, row
@@ -40,6 +40,13 @@ class TrainPanel(QWidget):
         for m in session.methods:
             self.stack.addWidget(self.forms[m])
         lay.addWidget(self.stack)
+        self.devices = QSpinBox()
+        self.devices.setRange(1, session.max_devices())
+        self.devices.setValue(session.devices)
+        self.devices.setToolTip("Training processes (data-parallel, torch.distributed): one per GPU; without "
+                                "GPUs, processes sharing the CPU cores. The CLI's fit --devices N.")
+        self.devices.valueChanged.connect(lambda n: session.guarded(session.set_devices, int(n)))
+        lay.addWidget(row(label("Processes"), self.devices))
         self.plan = label("", "The trainings this run does, each with its own epoch count.")
         lay.addWidget(self.plan)
         self.train_button = button("Train", lambda: session.guarded(session.train),
@@ -79,13 +86,19 @@ class TrainPanel(QWidget):
 
     def _render(self) -> None:
         cfg = self.session.config()
-        self.plan.setText("This run: " + "; then ".join(planned_stages(cfg)) + ".")
+        if self.devices.value() != self.session.devices:  # set elsewhere (the Python console, a test)
+            self.devices.blockSignals(True)
+            self.devices.setValue(self.session.devices)
+            self.devices.blockSignals(False)
+        where = f" (pretraining on {self.session.devices} processes)" if self.session.devices > 1 else ""
+        self.plan.setText("This run: " + "; then ".join(planned_stages(cfg)) + where + ".")
         result = self.session.results.get(self.session.method)
         self.save_button.setEnabled(result is not None and result.source == "trained" and self.session.job.kind == "idle")
 
     def _job(self, job) -> None:
         busy = job.kind != "idle"
         self.train_button.setEnabled(not busy)
+        self.devices.setEnabled(not busy)
         self.load_button.setEnabled(not busy)
         self.stop_button.setEnabled(job.kind == "training")
         if job.kind == "training":
