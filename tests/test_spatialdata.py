@@ -537,3 +537,56 @@ def test_open_store_in_napari(request, tmp_path, cells):
     assert len(layers) == 1 and layers[0].name == "run" and len(layers[0].data) == N_CELLS
     assert layers[0].metadata["adata"].uns["spatialssl_store"]["region_key"] == "region"
     assert layers[0].metadata["sdata"] is not None
+
+
+@pytest.mark.viewer
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+                    reason="no display: run under Xvfb (make test / xvfb-run -a pytest)")
+def test_widget_trains_on_a_napari_spatialdata_layer_and_writes_back(request, tmp_path, cells, monkeypatch):
+    """What a napari-spatialdata user does: its layer (metadata 'sdata' and 'adata', as napari-spatialdata
+    sets them) is picked in our widget as the slide, a method trains, the Export panel writes the results
+    back into the store, and spatialdata.read_zarr finds them there."""
+    import torch  # noqa: F401  (torch before Qt)
+
+    sd = _sd()
+    pytest.importorskip("napari")
+    from spatialdata import join_spatialelement_table
+
+    from napari_spatialssl._napari.layers import xy_to_rowcol
+    from napari_spatialssl._napari.widget import SpatialSSLWidget
+    from napari_spatialssl._napari.workers import SYNC_ENV
+
+    monkeypatch.setenv(SYNC_ENV, "1")
+    monkeypatch.setenv("NAPARI_SPATIALSSL_SETTINGS", str(tmp_path / "settings.json"))
+    store = make_store(tmp_path / "run.zarr", cells)
+    sdata = sd.read_zarr(store)
+    _, table = join_spatialelement_table(sdata=sdata, spatial_element_names="cells", table_name="table",
+                                         how="left", match_rows="left")
+    meta = {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
+            "table_names": ["table"], "_current_cs": "global"}
+    viewer = request.getfixturevalue("make_napari_viewer")()
+    viewer.add_points(xy_to_rowcol(np.asarray(cells.obsm["spatial"])), name="cells", metadata=meta)
+    w = SpatialSSLWidget(viewer)
+    viewer.window.add_dock_widget(w, area="right")
+    s = w.session
+    from napari_spatialssl._napari.layer_updates import slide_layers
+
+    # the widget takes the layer as its slide at once, through one twin layer of ours
+    assert s.slide is not None and s.slide.adata.n_obs == N_CELLS, w.status.text()
+    assert [lay.name for lay in slide_layers(viewer)] == ["cells", "cells (spatialssl)"]
+    assert s.slide.name == "cells (spatialssl)" and len(viewer.layers) == 2  # one twin layer of ours
+    s.guarded(s.choose_slide, "cells")  # picked again: the same twin, nothing added
+    assert len(viewer.layers) == 2 and s.slide.name == "cells (spatialssl)"
+    s.set_method("spotscape")
+    for k, v in {"epochs": 2, "eval.n_domains": 3, "hidden_dims": [16, 8], "k_neighbors": 8}.items():
+        s.set_setting(k, v)
+    s.guarded(s.train)
+    assert "spotscape" in s.results, w.status.text()
+    export = w.panels["export"]
+    assert export.store_row.isVisibleTo(export)  # the Export panel offers the store
+    s.guarded(s.write_to_store, "spatialssl", False)
+    back = sd.read_zarr(store)
+    assert "spatialssl" in back.tables and back.tables["spatialssl"].n_obs == N_CELLS
+    assert back.tables["spatialssl"].obs["spotscape_domain"].nunique() == 3
+    assert "X_spotscape" in back.tables["spatialssl"].obsm
+    assert "table" in back.tables  # the store's own table is left as it was

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KEY = "spatialssl_key"
 REGION_LAYER = "region to hide (draw a rectangle or polygon)"
+SOURCE_LAYER = "spatialssl_source_layer"  # on our twin of a napari-spatialdata layer: that layer's name
 
 
 def slide_layers(viewer) -> list:
@@ -59,6 +60,7 @@ class ViewerBridge:
         ev.results.connect(self._record_results)
         ev.selection.connect(self._ring_selection)
         ev.layer_data.connect(self.add_slide_layer)
+        ev.slide.connect(self._slide_opened)
         ev.screenshot.connect(self.save_png)
         ev.draw_region.connect(self.add_region_layer)
         viewer.layers.events.inserted.connect(self._layers_changed)
@@ -71,7 +73,8 @@ class ViewerBridge:
         ev = self.session.events
         for sig, slot in ((ev.display, self.write), (ev.results, self._record_results),
                           (ev.selection, self._ring_selection), (ev.layer_data, self.add_slide_layer),
-                          (ev.screenshot, self.save_png), (ev.draw_region, self.add_region_layer)):
+                          (ev.screenshot, self.save_png), (ev.draw_region, self.add_region_layer),
+                          (ev.slide, self._slide_opened)):
             sig.disconnect(slot)
         for sig in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             sig.disconnect(self._layers_changed)
@@ -79,7 +82,12 @@ class ViewerBridge:
             self.viewer.mouse_drag_callbacks.remove(self._on_click)
 
     # -- slides ----------------------------------------------------------------------------
+    def _slide_opened(self, *_):
+        self._layers_changed()  # a twin layer added while the slide was chosen is offered now
+
     def _layers_changed(self, *_):
+        if getattr(self, "_adding_twin", False):  # inside slide_from_layer: the Session has no slide yet
+            return
         self.session.set_slide_choices([lay.name for lay in slide_layers(self.viewer)])
 
     def slide_from_layer(self, name: str):
@@ -89,11 +97,18 @@ class ViewerBridge:
         layer = self._layer_named(name)
         meta = layer.metadata
         if meta.get("adata") is None or "n_cells_total" not in meta:  # a napari-spatialdata layer: make ours
-            from .reader import points_from_spatialdata_layer
+            twin = next((lay for lay in self.viewer.layers if lay.metadata.get(SOURCE_LAYER) == name), None)
+            if twin is None:  # once per napari-spatialdata layer; picked again, it is reused
+                from .reader import points_from_spatialdata_layer
 
-            data, kwargs, _ = points_from_spatialdata_layer(meta, f"{name} cells")
-            self.viewer.add_points(data, **kwargs)
-            layer, meta = self.viewer.layers[-1], self.viewer.layers[-1].metadata
+                data, kwargs, _ = points_from_spatialdata_layer(meta, f"{name} (spatialssl)")
+                kwargs["metadata"][SOURCE_LAYER] = name
+                self._adding_twin = True  # the slide list is offered again once the slide is chosen
+                try:
+                    twin = self.viewer.add_points(data, **kwargs)
+                finally:
+                    self._adding_twin = False
+            layer, meta = twin, twin.metadata
         rows = layer.features["cell_index"].to_numpy(np.int64) if "cell_index" in layer.features else \
             np.arange(len(layer.data))
         size = float(np.mean(layer.size)) if np.size(layer.size) else float(meta.get("point_size", 1.0))
