@@ -158,6 +158,49 @@ def _main_job(session, kind: str, text: str, fn, args, on_done, on_yield=None):
                          on_finish=lambda: session.set_job("idle"))
 
 
+def warm_up() -> None:
+    """Load what jobs need in the background (a side job at start), so no first use stalls the viewer."""
+    import importlib
+
+    for name in ("napari_spatialssl.pipeline", "napari_spatialssl.models.gnn_mask", "napari_spatialssl.models.spotscape",
+                 "napari_spatialssl.models.patch_mae", "napari_spatialssl.evaluation.domains",
+                 "napari_spatialssl.evaluation.clustering", "napari_spatialssl.evaluation.mclust",
+                 "napari_spatialssl.evaluation.regions", "napari_spatialssl.preflight", "sklearn.cluster",
+                 "sklearn.neighbors", "sklearn.linear_model", "igraph", "leidenalg", "scanpy", "torch_geometric.nn"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    try:  # napari's unit registry (pint) is built lazily, ~0.3 s, on the first layer added: build it here
+        import pint
+
+        pint.get_application_registry()("pixel")
+    except Exception:  # noqa: BLE001  (a warm-up never fails a session)
+        pass
+    from .figures import warm_up as start_figure_helper
+
+    start_figure_helper()
+
+
+def max_devices() -> int:
+    """One training process per CUDA GPU, else one per CPU core (gloo ranks sharing the cores)."""
+    from ..distributed import local_device_counts
+
+    counts = local_device_counts()
+    return max(1, counts["cuda"] or counts["cpu_cores"])
+
+
+def checked_devices(n) -> int:
+    from ..distributed import local_device_counts
+
+    top = max_devices()
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= top:
+        what = "GPUs" if local_device_counts()["cuda"] else "CPU cores"
+        raise SpatialDataError(f"devices: {n!r} training processes asked for; this machine offers 1 to {top} "
+                               f"({top} {what}).")
+    return int(n)
+
+
 def train(session):
     from ..pipeline import Pipeline
 

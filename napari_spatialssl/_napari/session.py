@@ -31,29 +31,6 @@ from .workers import Runner
 METHOD_ORDER = ("gnn-mask", "spotscape", "patch-mae")
 
 
-def _warm_up() -> None:
-    import importlib
-
-    for name in ("napari_spatialssl.pipeline", "napari_spatialssl.models.gnn_mask", "napari_spatialssl.models.spotscape",
-                 "napari_spatialssl.models.patch_mae", "napari_spatialssl.evaluation.domains",
-                 "napari_spatialssl.evaluation.clustering", "napari_spatialssl.evaluation.mclust",
-                 "napari_spatialssl.evaluation.regions", "napari_spatialssl.preflight", "sklearn.cluster",
-                 "sklearn.neighbors", "sklearn.linear_model", "igraph", "leidenalg", "scanpy", "torch_geometric.nn"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    try:  # napari's unit registry (pint) is built lazily, ~0.3 s, on the first layer added: build it here
-        import pint
-
-        pint.get_application_registry()("pixel")
-    except Exception:  # noqa: BLE001  (a warm-up never fails a session)
-        pass
-    from .figures import warm_up
-
-    warm_up()
-
-
 @dataclass
 class Slide:
     """The slide being worked on: its AnnData and where each cell is drawn."""
@@ -236,23 +213,12 @@ class Session:
         return True
 
     def max_devices(self) -> int:
-        """How many training processes this machine offers: one per CUDA GPU, else one per CPU core
-        (gloo ranks sharing the cores)."""
-        from ..distributed import local_device_counts
-
-        counts = local_device_counts()
-        return max(1, counts["cuda"] or counts["cpu_cores"])
+        """How many training processes this machine offers (one per GPU, else per CPU core)."""
+        return actions.max_devices()
 
     def set_devices(self, n) -> None:
         """Train on `n` local processes (data-parallel, torch.distributed): this one is rank 0."""
-        from ..distributed import local_device_counts
-
-        top = self.max_devices()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= top:
-            what = "GPUs" if local_device_counts()["cuda"] else "CPU cores"
-            raise SpatialDataError(f"devices: {n!r} training processes asked for; this machine offers 1 to {top} "
-                                   f"({top} {what}).")
-        self.devices = int(n)
+        self.devices = actions.checked_devices(n)
         self.events.settings.emit(self.method)
 
     def set_keys(self, **keys) -> None:
@@ -445,7 +411,7 @@ class Session:
     def warm_up(self) -> None:
         """Load what jobs need (the methods, torch_geometric, scikit-learn, the figure helper process) in
         the background, once, so that the first training or figure does not stall the viewer."""
-        self.side_job("loading the methods", _warm_up, (), lambda *_: None, channel="warm-up")
+        self.side_job("loading the methods", actions.warm_up, (), lambda *_: None, channel="warm-up")
 
     @property
     def busy(self) -> bool:
