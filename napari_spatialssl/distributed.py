@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -478,6 +478,8 @@ def kmeans(x: torch.Tensor, k: int, n_total: int, owner_pos: torch.Tensor, ctx: 
 
 
 def _kmeans_sharded(x, k, n, owner_pos, ctx, n_iter, gen, block_size, dev):
+    from .models.losses import kmeans_pp_seeds
+
     def nearest(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = x.shape[0]
         labels = torch.empty(m, dtype=torch.long, device=dev)
@@ -493,15 +495,7 @@ def _kmeans_sharded(x, k, n, owner_pos, ctx, n_iter, gen, block_size, dev):
         sample = gather_rows(x, torch.arange(n, device=dev), owner_pos, ctx)
     else:
         sample = gather_rows(x, torch.randint(n, (20_000,), device=dev, generator=gen), owner_pos, ctx)
-    first = torch.randint(sample.shape[0], (1,), device=dev, generator=gen)
-    centres = [sample[first]]
-    d2 = ((sample - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / d2.numel())
-        idx = torch.multinomial(probs, 1, generator=gen)
-        centres.append(sample[idx])
-        d2 = torch.minimum(d2, ((sample - centres[-1]) ** 2).sum(1))
-    c = torch.cat(centres, 0)
+    c = kmeans_pp_seeds(sample, k, gen)
     for _ in range(n_iter):
         dist_, labels = nearest(c)
         sums = torch.zeros_like(c).index_add_(0, labels, x)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import QPoint, QRect, QSize, Qt
 from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
-from qtpy.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QRubberBand, QSizePolicy,
+from qtpy.QtWidgets import (QLabel, QListWidget, QListWidgetItem, QRubberBand, QSizePolicy,
                             QVBoxLayout, QWidget)
 
 
@@ -106,10 +106,3 @@ class Legend(QWidget):
         return [self.list.item(i).text().rsplit("  (", 1)[0] for i in range(self.list.count())]
 
 
-def hbox(*widgets) -> QWidget:
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    for item in widgets:
-        lay.addWidget(item)
-    return w

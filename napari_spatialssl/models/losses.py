@@ -158,6 +158,20 @@ def _kmeans_threads(work: float, device: torch.device):
         torch.set_num_threads(prev)
 
 
+def kmeans_pp_seeds(sample: torch.Tensor, k: int, gen: torch.Generator | None) -> torch.Tensor:
+    """k-means++ seeding: (k, d) centres drawn from the rows of `sample`, each with probability
+    proportional to its squared distance from the centres drawn before."""
+    first = torch.randint(sample.shape[0], (1,), device=sample.device, generator=gen)
+    centres = [sample[first]]
+    d2 = ((sample - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / d2.numel())
+        idx = torch.multinomial(probs, 1, generator=gen)
+        centres.append(sample[idx])
+        d2 = torch.minimum(d2, ((sample - centres[-1]) ** 2).sum(1))
+    return torch.cat(centres, 0)
+
+
 def torch_kmeans(x: torch.Tensor, k: int, n_iter: int = 20, generator: torch.Generator | None = None,
                  block_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on x's device (k-means++ seeding); returns (centroids (k, d), labels (N,)).
@@ -192,15 +206,7 @@ def _torch_kmeans(x: torch.Tensor, k: int, n_iter: int, generator: torch.Generat
 
     # k-means++ seeding on a sample (cheap and as good for seeding at large N).
     sample = x if n <= 20_000 else x[torch.randint(n, (20_000,), device=dev, generator=gen)]
-    first = torch.randint(sample.shape[0], (1,), device=dev, generator=gen)
-    centres = [sample[first]]
-    d2 = ((sample - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / d2.numel())
-        idx = torch.multinomial(probs, 1, generator=gen)
-        centres.append(sample[idx])
-        d2 = torch.minimum(d2, ((sample - centres[-1]) ** 2).sum(1))
-    c = torch.cat(centres, 0)
+    c = kmeans_pp_seeds(sample, k, gen)
     labels = torch.zeros(n, dtype=torch.long, device=dev)
     for _ in range(n_iter):
         dist, labels = nearest(c)
