@@ -445,16 +445,22 @@ def test_write_updates_an_open_spatialdata(tmp_path, cells):
 # napari-spatialdata layers and the napari reader (layer data; no viewer needed)
 # --------------------------------------------------------------------------------------------------
 
-def test_slide_from_napari_spatialdata_layer_metadata(tmp_path, cells):
-    sd = _sd()
+def napari_spatialdata_metadata(store, coordinate_system: str = "global") -> dict:
+    """The metadata napari-spatialdata gives a layer of the store's "cells" element: the SpatialData,
+    the table joined to the element (rows in the element's order), the keys, the coordinate system."""
     from spatialdata import join_spatialelement_table
 
-    store = make_store(tmp_path / "run.zarr", cells)
-    sdata = sd.read_zarr(store)
+    sdata = _sd().read_zarr(store)
     _, table = join_spatialelement_table(sdata=sdata, spatial_element_names="cells", table_name="table",
-                                         how="left", match_rows="left")  # what napari-spatialdata puts in the layer
-    meta = {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
-            "table_names": ["table"], "_current_cs": "aligned", "_active_in_cs": {"aligned"}}
+                                         how="left", match_rows="left")
+    return {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
+            "table_names": ["table"], "_current_cs": coordinate_system, "_active_in_cs": {coordinate_system}}
+
+
+def test_slide_from_napari_spatialdata_layer_metadata(tmp_path, cells):
+    sd = _sd()
+    store = make_store(tmp_path / "run.zarr", cells)
+    meta = napari_spatialdata_metadata(store, "aligned")
     slide = S.slide_from_layer_metadata(meta)
     order = pd.Index(cells.obs_names).get_indexer(slide.obs_names)  # rows follow the element's order
     assert (order >= 0).all()
@@ -501,18 +507,13 @@ def test_reader_one_layer_per_table_and_region(tmp_path, cells):
 
 
 def test_points_layer_from_a_napari_spatialdata_layer(tmp_path, cells):
-    sd = _sd()
-    from spatialdata import join_spatialelement_table
-
+    _sd()
     from napari_spatialssl._napari.layers import xy_to_rowcol
     from napari_spatialssl._napari.reader import points_from_spatialdata_layer
 
     store = make_store(tmp_path / "run.zarr", cells)
-    sdata = sd.read_zarr(store)
-    _, table = join_spatialelement_table(sdata=sdata, spatial_element_names="cells", table_name="table",
-                                         how="left", match_rows="left")
-    meta = {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
-            "table_names": ["table"], "_current_cs": "global"}
+    meta = napari_spatialdata_metadata(store)
+    sdata = meta["sdata"]
     data, kwargs, kind = points_from_spatialdata_layer(meta, "cells (spatialssl)")
     adata = kwargs["metadata"]["adata"]
     assert kind == "points" and len(data) == N_CELLS and kwargs["name"] == "cells (spatialssl)"
@@ -550,8 +551,6 @@ def test_widget_trains_on_a_napari_spatialdata_layer_and_writes_back(request, tm
 
     sd = _sd()
     pytest.importorskip("napari")
-    from spatialdata import join_spatialelement_table
-
     from napari_spatialssl._napari.layers import xy_to_rowcol
     from napari_spatialssl._napari.widget import SpatialSSLWidget
     from napari_spatialssl._napari.workers import SYNC_ENV
@@ -559,11 +558,7 @@ def test_widget_trains_on_a_napari_spatialdata_layer_and_writes_back(request, tm
     monkeypatch.setenv(SYNC_ENV, "1")
     monkeypatch.setenv("NAPARI_SPATIALSSL_SETTINGS", str(tmp_path / "settings.json"))
     store = make_store(tmp_path / "run.zarr", cells)
-    sdata = sd.read_zarr(store)
-    _, table = join_spatialelement_table(sdata=sdata, spatial_element_names="cells", table_name="table",
-                                         how="left", match_rows="left")
-    meta = {"sdata": sdata, "adata": table, "name": "cells", "region_key": "region", "instance_key": "cell_id",
-            "table_names": ["table"], "_current_cs": "global"}
+    meta = napari_spatialdata_metadata(store)
     viewer = request.getfixturevalue("make_napari_viewer")()
     viewer.add_points(xy_to_rowcol(np.asarray(cells.obsm["spatial"])), name="cells", metadata=meta)
     w = SpatialSSLWidget(viewer)
