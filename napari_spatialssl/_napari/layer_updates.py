@@ -54,6 +54,7 @@ class ViewerBridge:
         self.stage_new_layers = not sync_workers()
         self._queue: list[tuple[Display, list[LayerSpec]]] = []
         self._staging = False
+        self._adding_twin = False  # while our twin of a napari-spatialdata layer is being added
         session.slide_provider = self.slide_from_layer
         ev = session.events
         ev.display.connect(self.write)
@@ -86,7 +87,7 @@ class ViewerBridge:
         self._layers_changed()  # a twin layer added while the slide was chosen is offered now
 
     def _layers_changed(self, *_):
-        if getattr(self, "_adding_twin", False):  # inside slide_from_layer: the Session has no slide yet
+        if self._adding_twin:  # inside slide_from_layer: the Session has no slide yet
             return
         self.session.set_slide_choices([lay.name for lay in slide_layers(self.viewer)])
 
@@ -103,7 +104,7 @@ class ViewerBridge:
 
                 data, kwargs, _ = points_from_spatialdata_layer(meta, f"{name} (spatialssl)")
                 kwargs["metadata"][SOURCE_LAYER] = name
-                self._adding_twin = True  # the slide list is offered again once the slide is chosen
+                self._adding_twin = True  # the slide list is offered again once the slide is open
                 try:
                     twin = self.viewer.add_points(data, **kwargs)
                 finally:
