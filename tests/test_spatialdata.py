@@ -359,6 +359,30 @@ def _result(cells, store, value: float):
     return a
 
 
+def test_cli_fit_and_predict_on_a_store(tmp_path, cells):
+    """`napari-spatialssl fit store.zarr` and `predict store.zarr` read the store's table, and
+    --write-to-store puts the results back into it."""
+    sd = _sd()
+    from napari_spatialssl.cli import main
+
+    store = make_store(tmp_path / "run.zarr", cells, extra_tables=1)
+    sets = [a for k, v in FAST_SPOTSCAPE.items() if k != "epochs"
+            for a in ("--set", f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}")]
+    assert main(["fit", str(store), "--method", "spotscape", "--epochs", "2", "--table", "table",
+                 "--out", str(tmp_path / "fit"), "--write-to-store", "spotscape_run", *sets]) == 0
+    fitted = ad.read_h5ad(tmp_path / "fit" / "result.h5ad")
+    assert fitted.n_obs == N_CELLS and fitted.obs["spotscape_domain"].nunique() == 3
+    assert (tmp_path / "fit" / "manifest.json").is_file()
+    back = sd.read_zarr(store)
+    assert back.tables["spotscape_run"].obs["spotscape_domain"].nunique() == 3
+    assert main(["predict", str(store), "--table", "table", "--model", str(tmp_path / "fit"),
+                 "--out", str(tmp_path / "pred")]) == 0
+    pred = ad.read_h5ad(tmp_path / "pred" / "result.h5ad")
+    assert pred.n_obs == N_CELLS and "X_spotscape" in pred.obsm
+    # a store with several tables and none chosen: one line that names them
+    assert main(["fit", str(store), "--method", "spotscape", "--epochs", "2", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_write_refuses_then_replaces_atomically(tmp_path, cells, monkeypatch):
     sd = _sd()
     store = make_store(tmp_path / "run.zarr", cells)
