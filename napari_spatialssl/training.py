@@ -197,7 +197,6 @@ class Trainer:
         A stop requested before the run starts is honoured (no epoch runs); the flag is cleared
         when the run ends, so the Trainer can be reused.
         """
-        cfg = self.config
         threads = task.cpu_threads() if self.device.type == "cpu" and hasattr(task, "cpu_threads") else None
         prev_threads = torch.get_num_threads()
         if threads:

@@ -20,7 +20,7 @@ import pytest
 from napari_spatialssl.cli import main
 from napari_spatialssl.data.io import SpatialDataError
 from napari_spatialssl.data.synthetic import synthetic_slide
-from napari_spatialssl.runs import RunFolderError, staging_path, verify_run
+from napari_spatialssl.runs import staging_path, verify_run
 
 GNN_FAST = ["--method", "gnn-mask", "--epochs", "2", "--device", "cpu", "--quiet", "--set", "hidden_dims=16,8",
             "--set", "decoder_hidden=16", "--set", "finetune.epochs=2"]

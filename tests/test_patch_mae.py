@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_spatialssl.data.io import SpatialDataError
-from napari_spatialssl.models.patch_mae import PatchMAE, PatchMAEConfig, _window_sum
+from napari_spatialssl.models.patch_mae import PatchMAE, _window_sum
 from napari_spatialssl.models.vit import PatchMaskedAutoencoder, random_token_mask, sincos_2d
 from napari_spatialssl.pipeline import dataset_from_config, fit, make_config, predict
 

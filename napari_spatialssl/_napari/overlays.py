@@ -9,7 +9,6 @@ processed in row chunks, never densified whole.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 CHUNK_ROWS = 65_536
