@@ -99,9 +99,7 @@ def baseline_steps(m, cells, n_steps, rng, opt):
         x = torch.from_numpy(m.data.dense_rows(sub.nodes))
         t0 = tm.add("gathering", t0) if i else time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        score = np.zeros(len(sub.nodes), bool)
-        score[sub.pos] = True
-        score &= mask & m.target_ok[sub.nodes]
+        score = m.scored(sub, mask)
         _, rec = old_forward(m.model, x, sub.edge_index, sub.edge_weight, torch.from_numpy(mask))
         sel = torch.from_numpy(np.flatnonzero(score))
         F.mse_loss(rec[sel], x[sel]).backward()
@@ -129,9 +127,7 @@ def new_steps(m, cells, n_steps, rng, opt):
         x = m._x(sub.nodes)
         t0 = tm.add("gathering", t0) if i else time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        score = np.zeros(len(sub.nodes), bool)
-        score[sub.pos] = True
-        score &= mask & m.target_ok[sub.nodes]
+        score = m.scored(sub, mask)
         sel = torch.from_numpy(np.flatnonzero(score))
         _, rec = m.model(x, sub.edge_index, sub.edge_weight, torch.from_numpy(mask), decode_rows=sel)
         (F.mse_loss(rec, x[sel], reduction="sum") / max(len(sel), 1) / x.shape[1]).backward()

@@ -848,6 +848,14 @@ class GnnMask(SSLMethod):
 
         return _Batches(steps, n)
 
+    def scored(self, sub: _Sub, mask: np.ndarray) -> np.ndarray:
+        """The subgraph nodes a step's loss scores: its units (whole mode: every node; ego-nets: the
+        centres) that are masked and have a reconstruction target."""
+        score = np.zeros(len(sub.nodes), bool)
+        score[sub.pos] = True
+        score &= mask & self.target_ok[sub.nodes]
+        return score
+
     def _step_loss(self, step: "_Step", device) -> torch.Tensor:
         """This rank's share of a step's loss: squared error over the scored (masked, scorable)
         cells it holds, divided by (scored cells of the whole step) x genes."""
@@ -869,9 +877,7 @@ class GnnMask(SSLMethod):
         loss = None
         if sub is not None:
             mask = step.mask(sub.nodes)
-            score = np.zeros(len(sub.nodes), bool)
-            score[sub.pos] = True
-            score &= mask & self.target_ok[sub.nodes]
+            score = self.scored(sub, mask)
             loss = self._masked_loss(sub, mask, score, device, reduction="sum")
         if loss is None:  # nothing scored here: a zero loss that keeps the graph (and every gradient)
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
@@ -908,9 +914,7 @@ class GnnMask(SSLMethod):
         if isinstance(batch, _Step):
             return {"loss": self._step_loss(batch, device)}
         sub, mask = batch
-        score = np.zeros(len(sub.nodes), bool)
-        score[sub.pos] = True  # whole mode: every node; egonet: the centres
-        score &= mask & self.target_ok[sub.nodes]
+        score = self.scored(sub, mask)
         loss = self._masked_loss(sub, mask, score, device)
         if loss is None:  # no scorable masked cell in this batch: a zero loss that keeps the graph
             loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
