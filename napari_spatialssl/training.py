@@ -122,8 +122,16 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-STATE_WEIGHTS = "training_state.safetensors"
+STATE_WEIGHTS = "training_state.safetensors"  # states written before the tensors were named per epoch
 STATE_META = "training_state.json"
+
+
+def _state_weights_name(epoch: int) -> str:
+    """Each saved state's tensors get a file of their own: the one the committed JSON names is never
+    overwritten, so a kill between writing the tensors and the JSON leaves the last state whole."""
+    import secrets  # a state saved twice at one epoch (the end of training) must not overwrite the first
+
+    return f"training_state-{int(epoch):06d}-{secrets.token_hex(4)}.safetensors"
 STATE_FORMAT = "napari-spatialssl-training-state/1"
 
 
@@ -367,7 +375,7 @@ class Trainer:
                 tensors[f"rng.cuda.{i}"] = st
         np_state = np.random.get_state()
         tensors["rng.numpy_global"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
-        weights = checkpoints.save_tensors(self.state_dir / STATE_WEIGHTS, tensors)
+        weights = checkpoints.save_tensors(self.state_dir / _state_weights_name(loop.epoch), tensors)
         meta = {
             "format": STATE_FORMAT,
             "config": config_to_dict(self.config),
@@ -379,10 +387,15 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"generator": rng.bit_generator.state, "python": _python_rng_state(),
                     "numpy_global": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+            "weights_file": weights.name,
             "weights_sha256": checkpoints.sha256_file(weights),
         }
         atomic_write(self.state_dir / STATE_META, lambda p: p.write_text(json.dumps(checkpoints.to_jsonable(meta))),
                      overwrite=True)
+        # only now is the previous state no longer the committed one
+        for old in self.state_dir.glob("training_state*.safetensors"):
+            if old.name != weights.name:
+                old.unlink(missing_ok=True)
 
     def _load_state(self, model, optimiser, scaler, rng: np.random.Generator, loop: "_LoopState") -> dict | None:
         """Restore the state written by `_save_state`; None when there is none yet (start afresh)."""
@@ -399,7 +412,11 @@ class Trainer:
         if meta.get("config") != checkpoints.to_jsonable(config_to_dict(self.config)):
             raise SpatialDataError(f"{path}: the interrupted run was started with other settings; resume it "
                                    "with the settings it was started with (the CLI reads them itself).")
-        weights = self.state_dir / STATE_WEIGHTS
+        name = meta.get("weights_file", STATE_WEIGHTS)
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise checkpoints.ModelFileError(f"{path}: damaged training state (weights_file {name!r}); start the "
+                                             "run again without --resume.")
+        weights = self.state_dir / name
         if not weights.is_file() or checkpoints.sha256_file(weights) != meta.get("weights_sha256"):
             raise checkpoints.ModelFileError(f"{weights}: missing or does not match {STATE_META}; start the "
                                              "run again without --resume.")

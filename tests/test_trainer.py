@@ -234,3 +234,39 @@ def test_resume_refuses_other_settings(tmp_path):
     other = TrainConfig(epochs=3, lr=0.02, device="cpu", checkpoint_every=1)
     with pytest.raises(SpatialDataError, match="other settings"):
         Trainer(other, state_dir=tmp_path, resume=True).fit(RegressionTask())
+
+
+def test_a_kill_between_the_tensors_and_the_json_leaves_the_last_state_whole(tmp_path, monkeypatch):
+    """The kill -9 window of a save: epoch 3's tensors are on disk, its JSON (the commit point) is not.
+    Resuming continues from epoch 2 and still ends exactly as the uninterrupted run."""
+    import napari_spatialssl.training as training
+
+    cfg = TrainConfig(epochs=5, lr=0.02, seed=4, device="cpu", checkpoint_every=1, patience=0)
+    torch.manual_seed(0)
+    straight = DropoutTask()
+    straight_run = Trainer(cfg, state_dir=tmp_path / "a").fit(straight)
+
+    real_write = training.atomic_write
+    saves = []
+
+    def dies_before_the_third_json(path, *args, **kwargs):
+        if str(path).endswith(training.STATE_META):
+            saves.append(path)
+            if len(saves) == 3:
+                raise _Crash
+        return real_write(path, *args, **kwargs)
+    monkeypatch.setattr(training, "atomic_write", dies_before_the_third_json)
+    torch.manual_seed(0)
+    with pytest.raises(_Crash):
+        Trainer(cfg, state_dir=tmp_path / "b").fit(DropoutTask())
+    monkeypatch.setattr(training, "atomic_write", real_write)
+    assert len(list((tmp_path / "b").glob("training_state*.safetensors"))) == 2  # epoch 2's and epoch 3's
+
+    torch.manual_seed(0)
+    resumed_task = DropoutTask()
+    resumed = Trainer(cfg, state_dir=tmp_path / "b", resume=True).fit(resumed_task)
+    assert resumed.epochs_run == 5
+    for a, b in zip(straight.model.parameters(), resumed_task.model.parameters()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight_run.history]
+    assert len(list((tmp_path / "b").glob("training_state*.safetensors"))) == 1  # the superseded ones removed
