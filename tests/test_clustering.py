@@ -84,6 +84,40 @@ def test_leiden_labels_ordered_by_size_and_seeded():
     assert (np.diff(counts) <= 0).all()
 
 
+def test_igraph_built_in_chunks_is_the_same_graph():
+    from napari_spatialssl.evaluation.clustering import _igraph
+
+    rng = np.random.default_rng(3)
+    rows, cols = rng.integers(0, 500, 4000), rng.integers(0, 500, 4000)
+    w = rng.uniform(0.1, 1.0, 4000)
+    A = sp.csr_matrix((w, (rows, cols)), shape=(500, 500))
+    A = A.maximum(A.T).tocsr()
+    whole, chunked = _igraph(A, chunk_edges=10**9), _igraph(A, chunk_edges=37)
+    assert whole.vcount() == chunked.vcount() == 500 and whole.ecount() == chunked.ecount() == sp.triu(A, 1).nnz
+    assert whole.get_edgelist() == chunked.get_edgelist()
+    assert whole.es["weight"] == chunked.es["weight"]
+    back = sp.coo_matrix((chunked.es["weight"], np.array(chunked.get_edgelist()).T), shape=(500, 500))
+    np.testing.assert_allclose((back + back.T).toarray(), (A - sp.diags(A.diagonal())).toarray())
+
+
+def test_resolution_sweep_stops_past_max_clusters_and_big_graphs_iterate_twice(monkeypatch):
+    from napari_spatialssl.evaluation import clustering as C
+
+    X, _ = _blobs(n_per=60, k=6, spread=1.5)
+    _, full = graph_cluster_search(X, resolutions=(2.0, 0.1, 0.5, 1.0, 5.0, 10.0, 20.0), max_clusters=8)
+    counts = [m for _r, m, _s in full["tried"]]
+    assert [r for r, _m, _s in full["tried"]] == sorted(r for r, _m, _s in full["tried"])  # lowest first
+    assert counts[-1] > 8 and all(m <= 8 for m in counts[:-1]) and len(counts) < 7
+    assert full["leiden_iterations"] == -1  # a small graph: until the partition is stable
+    calls = []
+    real = C.leiden_labels
+    monkeypatch.setattr(C, "leiden_labels", lambda g, r, seed=0: calls.append(g.vcount()) or real(g, r, seed))
+    monkeypatch.setattr(C, "EXACT_KNN_MAX_CELLS", 100)
+    labels, big = graph_cluster_search(X, 6)
+    assert big["leiden_iterations"] == 2 and big["knn"] == "approximate" and calls and set(calls) == {len(X)}
+    assert C.leiden_iterations(100) == -1 and C.leiden_iterations(101) == 2
+
+
 def test_smooth_labels_majority_of_neighbourhood():
     # a path 0-1-2-3-4 with one odd label in the middle
     rows = np.array([0, 1, 1, 2, 2, 3, 3, 4])
