@@ -84,22 +84,6 @@ def test_leiden_labels_ordered_by_size_and_seeded():
     assert (np.diff(counts) <= 0).all()
 
 
-def test_igraph_built_in_chunks_is_the_same_graph():
-    from napari_spatialssl.evaluation.clustering import _igraph
-
-    rng = np.random.default_rng(3)
-    rows, cols = rng.integers(0, 500, 4000), rng.integers(0, 500, 4000)
-    w = rng.uniform(0.1, 1.0, 4000)
-    A = sp.csr_matrix((w, (rows, cols)), shape=(500, 500))
-    A = A.maximum(A.T).tocsr()
-    whole, chunked = _igraph(A, chunk_edges=10**9), _igraph(A, chunk_edges=37)
-    assert whole.vcount() == chunked.vcount() == 500 and whole.ecount() == chunked.ecount() == sp.triu(A, 1).nnz
-    assert whole.get_edgelist() == chunked.get_edgelist()
-    assert whole.es["weight"] == chunked.es["weight"]
-    back = sp.coo_matrix((chunked.es["weight"], np.array(chunked.get_edgelist()).T), shape=(500, 500))
-    np.testing.assert_allclose((back + back.T).toarray(), (A - sp.diags(A.diagonal())).toarray())
-
-
 def test_resolution_sweep_stops_past_max_clusters_and_big_graphs_iterate_twice(monkeypatch):
     from napari_spatialssl.evaluation import clustering as C
 
