@@ -111,3 +111,20 @@ def graph_step_bytes(n_nodes: float, n_edges: float, in_dim: int, dims: list[int
     nodes = n_nodes * in_dim * 4.0 * 4.0 + sum(n_nodes * c * 4.0 * 6.0 for c in dims)
     decoder = sum(n_nodes * c * 4.0 * 4.0 for c in decoder_dims)
     return {"edge messages": edge_rows, "node activations": nodes + decoder}
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and the libraries have freed back to the operating system.
+
+    Between the pipeline's stages (after evaluation, before the domain search): a helper thread's
+    arrays come from glibc's per-thread arenas, whose freed space is otherwise kept by the process
+    (not returned to the system) and counts against a machine's memory while the next stage,
+    at atlas scale a few GB of k-NN graph, allocates more. No-op where glibc is not the C library."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -31,6 +31,7 @@ from .models.base import MethodResults, SSLMethod, data_config_of, get_method_cl
 from .graphs.squidpy_graph import write_run_graph
 from .preflight import check_view
 from .runs import RunFolder, RunFolderError, verify_run
+from .budget import release_freed_memory
 from .training import (TrainEvent, Trainer, TrainResult, load_checkpoint, package_versions, save_model,
                        seed_everything)
 
@@ -212,6 +213,7 @@ class Pipeline:
         yield TrainEvent("stage", train_result.epochs_run, self.config.epochs, message="evaluating",
                          stage="evaluation")
         results = yield from self._evaluate(data, trainer.device)
+        release_freed_memory()  # the evaluation thread's temporaries, before the domain search's k-NN graph
         add_domains(results, self.method_cls.name, data, self.config)
         metrics = {
             "method": self.method_cls.name,
