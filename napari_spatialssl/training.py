@@ -124,15 +124,16 @@ class TrainResult:
 
 STATE_WEIGHTS = "training_state.safetensors"  # states written before the tensors were named per epoch
 STATE_META = "training_state.json"
+STATE_FORMAT = "napari-spatialssl-training-state/1"
 
 
 def _state_weights_name(epoch: int) -> str:
     """Each saved state's tensors get a file of their own: the one the committed JSON names is never
-    overwritten, so a kill between writing the tensors and the JSON leaves the last state whole."""
-    import secrets  # a state saved twice at one epoch (the end of training) must not overwrite the first
+    overwritten, so a kill between writing the tensors and the JSON leaves the last state whole
+    (the random token: a state saved twice at one epoch, at the end of training, gets a new file)."""
+    import secrets
 
     return f"training_state-{int(epoch):06d}-{secrets.token_hex(4)}.safetensors"
-STATE_FORMAT = "napari-spatialssl-training-state/1"
 
 
 class Trainer:

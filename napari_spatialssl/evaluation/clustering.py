@@ -115,8 +115,8 @@ def knn_indices(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0, me
 def _knn_edges(embeddings: np.ndarray, n_neighbors: int = 15, seed: int = 0, method: str = "exact") -> np.ndarray:
     """(m, 2) int32 undirected edges (i < j, sorted by i then j, each once) of the union-symmetrised
     k-nearest-neighbour graph of the embeddings (Euclidean); `method` as in :func:`knn_indices`.
-    One int64 key per directed edge and one sort: at 4.3M cells a few hundred MB, where a sparse
-    matrix and its transpose's maximum held several GB at once."""
+    One int64 key per directed edge and one sort (~0.5 GB per array at 4.3M cells), instead of a
+    sparse matrix, its transpose and their maximum."""
     X = np.asarray(embeddings, np.float32)
     n = len(X)
     nb = knn_indices(X, n_neighbors, seed, method)
@@ -149,9 +149,9 @@ def _edges_igraph(n: int, edges: np.ndarray):
 def _igraph(connectivities: sp.spmatrix):
     """The undirected igraph of a symmetric adjacency, built once for all the resolutions tried
     (converting the edges is the slow part at atlas scale: ~2 microseconds per edge); unit weights
-    are left out (Leiden's default weight is 1). One call: the graph costs ~36 bytes per edge with
-    nothing else in flight (measured), whereas adding edges in chunks re-sorts every edge added so
-    far on each call (igraph_vector_int_pair_order), which at 4.3M cells ran for over 12 minutes."""
+    are left out (Leiden's default weight is 1). One call (34 bytes per edge at 1M cells, measured):
+    adding edges in chunks re-sorts every edge added so far on each call
+    (igraph_vector_int_pair_order), which at 4.3M cells ran for over 12 minutes."""
     import igraph as ig
 
     A = sp.triu(sp.csr_matrix(connectivities), k=1).tocoo()
@@ -243,12 +243,14 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
     that many clusters (else the closest found). Without it: every resolution in `resolutions` is
     tried, from the lowest, and the partition with the best silhouette (on up to 10k cells) among those
     with 2 .. `max_clusters` clusters is kept; the sweep ends at the first resolution that gives more
-    than `max_clusters` (higher ones split further; at 4.3M cells each costs minutes). Returns (labels, info) with info = {resolution, n_clusters,
-    criterion, tried: [(resolution, n_clusters, score)]}.
+    than `max_clusters` (higher ones split further; at 4.3M cells each costs minutes). Returns
+    (labels, info) with info = {resolution, n_clusters, criterion, tried: [(resolution, n_clusters,
+    score)]}.
 
     Atlas scale: the graph holds every row; above EXACT_KNN_MAX_CELLS rows (`knn="auto"`) its
     k-NN search is approximate (pynndescent, :func:`knn_indices`), as the exact one grows as N^2;
-    info records ``knn`` and ``leiden_iterations`` (:func:`leiden_iterations`). The graph is built once for all the resolutions tried. With
+    info records ``knn`` and ``leiden_iterations`` (:func:`leiden_iterations`). The graph is built
+    once for all the resolutions tried. With
     `max_graph_cells` (None = never, the default) the graph and the search run on that many random
     rows instead, and every other row takes the majority label of its `n_neighbors` nearest among
     `assign_reference_cells` of the clustered rows (`assign_by_neighbours`; the earlier atlas
