@@ -17,8 +17,8 @@ from napari_spatialssl.evaluation import clustering as C
 import igraph as ig
 from sklearn.metrics import adjusted_rand_score as ari
 E = np.load(sys.argv[1]); dom = np.load(sys.argv[2])
-t = time.perf_counter(); A = C._knn_connectivities(E, 15, 0, "approximate"); print("knn", round(time.perf_counter()-t,1), flush=True)
-g = C._igraph(A)
+t = time.perf_counter(); edges = C._knn_edges(E, 15, 0, "approximate"); print("knn", round(time.perf_counter()-t,1), flush=True)
+g = C._edges_igraph(len(E), edges)
 for r in map(float, sys.argv[3:]):
     random.seed(0); ig.set_random_number_generator(random)
     memb = None; t0 = time.perf_counter()

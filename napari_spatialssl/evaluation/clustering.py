@@ -152,12 +152,10 @@ def _igraph(connectivities: sp.spmatrix):
     are left out (Leiden's default weight is 1). One call (34 bytes per edge at 1M cells, measured):
     adding edges in chunks re-sorts every edge added so far on each call
     (igraph_vector_int_pair_order), which at 4.3M cells ran for over 12 minutes."""
-    import igraph as ig
-
     A = sp.triu(sp.csr_matrix(connectivities), k=1).tocoo()
     weights = A.data.astype(float)
     unit = bool(np.all(weights == 1.0))
-    g = ig.Graph(n=connectivities.shape[0], edges=np.column_stack([A.row, A.col]), directed=False)
+    g = _edges_igraph(connectivities.shape[0], np.column_stack([A.row, A.col]))
     if not unit:
         g.es["weight"] = weights.tolist()
     return g
