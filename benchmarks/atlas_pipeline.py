@@ -48,15 +48,15 @@ class RssSampler:
     def _watch(self):
         import traceback
 
+        from gnn_mask_throughput import available_gb
+
         while True:
             frame = sys._current_frames().get(self.main)
             stack = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
                      for f in traceback.extract_stack(frame)[-10:]] if frame is not None else []
             self.samples.append((time.perf_counter() - self.t0, current_rss_gb(), stack))
             self.samples = sorted(self.samples, key=lambda s: -s[1])[:200]
-            with open("/proc/meminfo") as fh:
-                info = {line.split(":")[0]: float(line.split()[1]) for line in fh}
-            if info.get("MemAvailable", 1e12) / 1e6 < self.min_available_gb:
+            if available_gb() < self.min_available_gb:
                 print(f"memory guard: less than {self.min_available_gb} GB available, stopping", flush=True)
                 self.report()
                 os._exit(3)

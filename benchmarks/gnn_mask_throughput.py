@@ -169,6 +169,13 @@ def compare(adata, mode: str, batch: int, n_steps: int) -> dict:
     return out
 
 
+def available_gb() -> float:
+    """The machine's available memory (MemAvailable), GB."""
+    with open("/proc/meminfo") as fh:
+        info = {line.split(":")[0]: float(line.split()[1]) for line in fh}
+    return info.get("MemAvailable", 1e12) / 1e6
+
+
 def memory_guard(min_available_gb: float = 1.5) -> None:
     """Exit at once if the machine's available memory falls below `min_available_gb` (a shared
     machine: never let this benchmark get another process OOM-killed)."""
@@ -176,9 +183,7 @@ def memory_guard(min_available_gb: float = 1.5) -> None:
 
     def watch():
         while True:
-            with open("/proc/meminfo") as fh:
-                info = {line.split(":")[0]: float(line.split()[1]) for line in fh}
-            if info.get("MemAvailable", 1e12) / 1e6 < min_available_gb:
+            if available_gb() < min_available_gb:
                 print(f"memory guard: less than {min_available_gb} GB available, stopping", flush=True)
                 os._exit(3)
             time.sleep(0.2)  # at 1 s an allocation burst got past it to the kernel's OOM killer
