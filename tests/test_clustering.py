@@ -127,3 +127,20 @@ def test_batch_mixing_separated_vs_mixed():
     Y[labels == 1] += 20.0
     assert batch_mixing_scores(Y, batch, labels)["batch_asw"] > 0.9
     assert batch_mixing_scores(X, np.zeros(400))["batch_asw"] is None
+
+
+def test_edges_igraph_is_the_graph_of_the_edges_in_their_order():
+    """The Leiden search's graph (built by add_edges, for its lower memory peak) is exactly the
+    graph igraph's edge-list constructor makes: same vertices, same edges in the same order."""
+    import igraph as ig
+
+    from napari_spatialssl.evaluation.clustering import _edges_igraph, _knn_edges
+
+    X = np.random.default_rng(3).normal(size=(400, 5)).astype(np.float32)
+    edges = _knn_edges(X, 6)
+    g = _edges_igraph(400, edges)
+    ref = ig.Graph(n=400, edges=edges.tolist(), directed=False)
+    assert g.vcount() == 400 and not g.is_directed()
+    assert g.get_edgelist() == ref.get_edgelist() == [tuple(e) for e in edges.tolist()]
+    empty = _edges_igraph(7, np.zeros((0, 2), np.int32))
+    assert empty.vcount() == 7 and empty.ecount() == 0

@@ -140,16 +140,23 @@ def _knn_connectivities(embeddings: np.ndarray, n_neighbors: int = 15, seed: int
 
 
 def _edges_igraph(n: int, edges: np.ndarray):
-    """The undirected unweighted igraph of (m, 2) edges, in one call (see :func:`_igraph`)."""
+    """The undirected unweighted igraph of (m, 2) edges, in one ``add_edges`` call on an empty
+    graph (see :func:`_igraph`). Not ``Graph(n, edges)``: that constructor peaks at ~164 bytes per
+    edge over what it keeps (34), against ~57 for ``add_edges`` (measured at 5-20M edges, igraph
+    1.0; benchmarks/README.md): ~8 GB against ~3 GB for the 4.3M-cell atlas's ~48M edges, which
+    is what ran the atlas pipeline out of memory. Same graph, same edge order."""
     import igraph as ig
 
-    return ig.Graph(n=n, edges=edges, directed=False)
+    g = ig.Graph(n=n, directed=False)
+    if len(edges):
+        g.add_edges(np.ascontiguousarray(edges))
+    return g
 
 
 def _igraph(connectivities: sp.spmatrix):
     """The undirected igraph of a symmetric adjacency, built once for all the resolutions tried
     (converting the edges is the slow part at atlas scale: ~2 microseconds per edge); unit weights
-    are left out (Leiden's default weight is 1). One call (34 bytes per edge at 1M cells, measured):
+    are left out (Leiden's default weight is 1). One call (34 bytes per edge kept, measured):
     adding edges in chunks re-sorts every edge added so far on each call
     (igraph_vector_int_pair_order), which at 4.3M cells ran for over 12 minutes."""
     A = sp.triu(sp.csr_matrix(connectivities), k=1).tocoo()
@@ -275,7 +282,13 @@ def graph_cluster_search(embeddings: np.ndarray, n_clusters: int | None = None, 
         info["n_clusters"] = int(len(np.unique(labels)))
         return labels, info
     knn_used = knn if knn != "auto" else ("exact" if n <= EXACT_KNN_MAX_CELLS else "approximate")
-    conn = _edges_igraph(n, _knn_edges(X, n_neighbors, seed, knn_used))
+    edges = _knn_edges(X, n_neighbors, seed, knn_used)
+    if n > EXACT_KNN_MAX_CELLS:  # the k-NN search's temporaries back to the system before igraph's peak
+        from ..budget import release_freed_memory
+
+        release_freed_memory()
+    conn = _edges_igraph(n, edges)
+    del edges
     tried = []
     if n_clusters is not None:
         lo, hi = 0.01, 5.0
