@@ -12,7 +12,7 @@ import anndata as ad
 
 from napari_spatialssl._napari import genes as G
 from napari_spatialssl._napari import layers as L
-from napari_spatialssl._napari.reader import get_reader, read_slide, read_slides
+from napari_spatialssl._napari.reader import get_reader, read_slide, read_slides, read_slides_for_napari
 from napari_spatialssl.data.io import SpatialDataError, get_coordinates
 
 
@@ -131,7 +131,7 @@ def test_non_h5ad_files(tmp_path):
         read_slide(csv)
     fake = tmp_path / "fake.h5ad"
     fake.write_text("this is text, not HDF5")
-    assert get_reader(str(fake)) is read_slides
+    assert get_reader(str(fake)) is read_slides_for_napari
     with pytest.raises(SpatialDataError, match="not an HDF5 file"):
         read_slides(str(fake))
     with pytest.raises(SpatialDataError, match="file not found"):
@@ -232,28 +232,33 @@ def test_unknown_labels_are_grey_and_numeric_colouring():
 
 
 @pytest.mark.filterwarnings("ignore:Transforming to str index")
-def test_large_slide_is_subsampled_for_display():
-    """A synthetic slide above the 2 million point threshold shows a 2M subsample and says so."""
+def test_large_slide_draws_every_cell_as_an_overview_not_a_subsample():
+    """A synthetic slide above the 2 million point threshold: no random subsample; the layer holds the
+    cells in view (none at first), its source holds every cell, and an overview image of every cell."""
+    from napari_spatialssl._napari import big_slides as B
+
     n = L.DEFAULT_MAX_POINTS + 50_000
     rng = np.random.default_rng(0)
     a = ad.AnnData(sp.csr_matrix((n, 1), dtype=np.float32),
                    obs=pd.DataFrame({"cell_type": pd.Categorical(rng.integers(0, 4, n).astype(str))}))
     a.obsm["spatial"] = rng.uniform(0, 20_000, size=(n, 2))
     data, kw, _ = L.adata_to_points(a)
-    assert len(data) == L.DEFAULT_MAX_POINTS
-    assert "display subsample: 2,000,000 of 2,050,000 cells" in kw["name"]
+    assert len(data) == 0 and kw["name"] == "cells"
     meta = kw["metadata"]
-    assert meta["subsampled"] and meta["n_cells_total"] == n and meta["adata"] is a
-    rows = kw["features"]["cell_index"].to_numpy()
-    assert len(np.unique(rows)) == len(rows) and rows.max() < n
-    np.testing.assert_allclose(data, L.xy_to_rowcol(a.obsm["spatial"][rows]), rtol=1e-6)
+    assert meta["overview"] and not meta["subsampled"] and meta["n_cells_total"] == n and meta["adata"] is a
+    source = meta[B.VIEWPORT]
+    np.testing.assert_array_equal(source.features["cell_index"], np.arange(n))
+    np.testing.assert_allclose(source.positions, L.xy_to_rowcol(a.obsm["spatial"]), rtol=1e-6)
+    pyramid = meta[B.OVERVIEW]
+    assert pyramid.n_cells == n and pyramid.levels[0].shape[2] == 4
 
 
-def test_small_threshold_subsample_is_seeded():
+def test_point_size_is_seeded_and_the_same_for_a_small_threshold():
     a = _adata(n=500)
     d1, k1, _ = L.adata_to_points(a, max_points=100, seed=3)
-    d2, _, _ = L.adata_to_points(a, max_points=100, seed=3)
-    assert len(d1) == 100 and np.array_equal(d1, d2) and "100 of 500" in k1["name"]
+    d2, k2, _ = L.adata_to_points(a, seed=3)
+    assert len(d1) == 0 and len(d2) == 500 and k1["size"] == k2["size"]
+    assert k1["metadata"]["overview"] and not k2["metadata"]["overview"]
 
 
 def test_gene_expression_is_log_normalised():

@@ -148,9 +148,9 @@ def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
         assert msg.startswith(str(store)) and "pip install 'napari-spatialssl[spatialdata]'" in msg
         assert "\n" not in msg
     # the napari reader still claims the store, and its error is the same one line
-    from napari_spatialssl._napari.reader import get_reader, read_slides
+    from napari_spatialssl._napari.reader import get_reader, read_slides, read_slides_for_napari
 
-    assert get_reader(str(store)) is read_slides
+    assert get_reader(str(store)) is read_slides_for_napari
     with pytest.raises(SpatialDataError, match=r"napari-spatialssl\[spatialdata\]"):
         read_slides(str(store))
 
@@ -508,11 +508,11 @@ def test_slide_from_napari_spatialdata_layer_metadata(tmp_path, cells):
 def test_reader_one_layer_per_table_and_region(tmp_path, cells):
     _sd()
     from napari_spatialssl._napari.layers import xy_to_rowcol
-    from napari_spatialssl._napari.reader import get_reader, read_slides
+    from napari_spatialssl._napari.reader import get_reader, read_slides, read_slides_for_napari
 
     store = make_store(tmp_path / "xenium_run.zarr", cells, extra_tables=1)
-    assert get_reader(str(store)) is read_slides
-    assert get_reader(str(store) + os.sep) is read_slides
+    assert get_reader(str(store)) is read_slides_for_napari
+    assert get_reader(str(store) + os.sep) is read_slides_for_napari
     layers = read_slides(str(store))
     assert [kw["name"] for _, kw, _ in layers] == ["xenium_run [table: cells]", "xenium_run [table2: cells]"]
     data, kwargs, kind = layers[0]

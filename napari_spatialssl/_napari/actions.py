@@ -15,6 +15,7 @@ import numpy as np
 
 from ..data.io import SpatialDataError
 from . import displays, previews, result_actions
+from .big_slides import fitted
 from .progress import ProgressTracker, finished_text
 
 
@@ -55,7 +56,7 @@ def show_gene(session, gene: str):
                                     rgba, slide.point_size, slide.shown, extra={f"{gene} (log-norm)": values})
         return displays.Display([spec], top=spec.key, colorbar=("magma", *lim, f"{gene} (log-normalised)"),
                                 text=f"{gene}: measured expression, log-normalised.")
-    session.side_job(f"colouring by {gene}", job, (), session.events.display.emit)
+    session.side_job(f"colouring by {gene}", fitted(job), (), session.events.display.emit)
 
 
 # -- the view and its previews -------------------------------------------------------------------
@@ -113,7 +114,7 @@ def preview_view(session, cell: int | None = None):
             return previews.patch_preview(slide, data, lattices, bin_size, method.patch_shape(),
                                           min(cfg.n_channels, data.n_genes), cfg.seed, cfg.mask, cfg.token_bins,
                                           data.gene_names, cell)
-    session.side_job(f"drawing the {session.method} view", job, (), session.events.display.emit)
+    session.side_job(f"drawing the {session.method} view", fitted(job), (), session.events.display.emit)
 
 
 def preview_mask(session):
@@ -135,7 +136,7 @@ def preview_mask(session):
         mask = draw_cell_mask(cfg.mask, geometry.n_cells, np.random.default_rng(cfg.seed), labels=geometry.labels,
                               label_names=geometry.label_names, adjacency=adjacency)
         return previews.cell_mask_preview(slide, mask, cfg.mask.strategy)
-    session.side_job("drawing the mask", job, (), session.events.display.emit)
+    session.side_job("drawing the mask", fitted(job), (), session.events.display.emit)
 
 
 # -- training, models --------------------------------------------------------------------------------

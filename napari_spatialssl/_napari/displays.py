@@ -77,7 +77,7 @@ def categorical_colors(values, named: dict | None = None) -> tuple[np.ndarray, l
     s = pd.Series(values).astype(object)
     missing = s.isna().to_numpy()
     text = s.astype(str).to_numpy()
-    labels = sorted({t for t, m in zip(text, missing) if not m}, key=natural_key)
+    labels = sorted(map(str, pd.unique(text[~missing])), key=natural_key)  # per distinct label, not per cell
     known = [lab for lab in labels if not is_unknown_label(lab)]
     named = {str(k): v for k, v in (named or {}).items()}
     free = iter(stable_palette(len(known) + len(named) + 1))
@@ -111,10 +111,13 @@ def matched_names(pred, reference, reference_names: dict | None = None) -> dict[
 
     p = pd.Series(pred).astype(str).to_numpy()
     r = pd.Series(reference).astype(object)
-    ok = ~r.isna().to_numpy() & ~np.array([is_unknown_label(v) for v in r.astype(str)])
+    text = r.astype(str).to_numpy()
+    names, inverse = np.unique(text, return_inverse=True)  # each distinct label checked once
+    unknown = np.array([is_unknown_label(v) for v in names], bool)
+    ok = ~r.isna().to_numpy() & ~unknown[inverse.ravel()]
     if not ok.any():
         return {}
-    table = pd.crosstab(p[ok], r.astype(str).to_numpy()[ok])
+    table = pd.crosstab(p[ok], text[ok])
     rows, cols = linear_sum_assignment(-table.to_numpy())
     return {str(table.index[i]): str(table.columns[j]) for i, j in zip(rows, cols)}
 

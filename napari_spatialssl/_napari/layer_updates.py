@@ -19,6 +19,7 @@ import logging
 
 import numpy as np
 
+from .big_slides import VIEWPORT
 from .displays import Display, LayerSpec
 from .results import RESULTS_META
 
@@ -55,6 +56,9 @@ class ViewerBridge:
         self._queue: list[tuple[Display, list[LayerSpec]]] = []
         self._staging = False
         self._adding_twin = False  # while our twin of a napari-spatialdata layer is being added
+        from .viewport import ViewportPoints
+
+        self.viewport = ViewportPoints(viewer)
         session.slide_provider = self.slide_from_layer
         ev = session.events
         ev.display.connect(self.write)
@@ -81,6 +85,7 @@ class ViewerBridge:
             sig.disconnect(self._layers_changed)
         if self._on_click in self.viewer.mouse_drag_callbacks:
             self.viewer.mouse_drag_callbacks.remove(self._on_click)
+        self.viewport.disconnect()
 
     # -- slides ----------------------------------------------------------------------------
     def _slide_opened(self, *_):
@@ -110,8 +115,9 @@ class ViewerBridge:
                 finally:
                     self._adding_twin = False
             layer, meta = twin, twin.metadata
-        rows = layer.features["cell_index"].to_numpy(np.int64) if "cell_index" in layer.features else \
-            np.arange(len(layer.data))
+        source = meta.get(VIEWPORT)  # a huge slide: the layer holds the cells in view, the source every cell
+        feats = source.features if source is not None else layer.features
+        rows = feats["cell_index"].to_numpy(np.int64) if "cell_index" in feats else np.arange(len(layer.data))
         size = float(np.mean(layer.size)) if np.size(layer.size) else float(meta.get("point_size", 1.0))
         slide = Slide(layer.name, meta["adata"], display_coordinates(meta["adata"], meta), rows[rows >= 0], size,
                       meta.get("section_key"))
@@ -127,9 +133,15 @@ class ViewerBridge:
     def add_slide_layer(self, layer_data) -> None:
         from napari.layers import Layer
 
+        from .big_slides import overview_layer_data
+
+        overview = overview_layer_data(layer_data)
+        if overview is not None:  # a huge slide: its overview image of every cell, under its points in view
+            self.viewer.add_layer(Layer.create(*overview))
         data, kwargs, kind = layer_data
         layer = self.viewer.add_layer(Layer.create(data, kwargs, kind))
         self.session.choose_slide(layer.name)
+        self.viewport.refresh()
 
     def _slide_layer(self):
         slide = self.session.slide
@@ -195,8 +207,10 @@ class ViewerBridge:
         self.preview_active = any(spec.role == "preview" for spec in display.specs)
         slide = self._slide_layer()
         if slide is not None:  # previews fade the tissue so that edges and masks stand out; panels cover it
-            slide.opacity = 0.35 if display.slide == "dim" else 1.0
-            slide.visible = display.slide != "hide"
+            overview = self.viewport.overview_of(slide)
+            for layer in [slide] + ([overview] if overview is not None else []):
+                layer.opacity = 0.35 if display.slide == "dim" else 1.0
+                layer.visible = display.slide != "hide"
         order = [s.key for s in display.specs if s.key != display.top] + ([display.top] if display.top else [])
         on_top = [self._find(key) for key in order] + [region, self._find("selection")]
         on_top = [layer for layer in on_top if layer is not None and layer in self.viewer.layers]
@@ -205,6 +219,7 @@ class ViewerBridge:
                 self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
         if any(spec.role in ("compare", "region") for spec in display.specs):
             self.viewer.reset_view()
+        self.viewport.refresh()  # layers of millions of points: the cells in view of the new ones
 
     def _write_spec(self, spec: LayerSpec):
         layer = self._find(spec.key)
@@ -221,7 +236,7 @@ class ViewerBridge:
             if spec.features is not None:
                 kwargs["features"] = spec.features
             layer = adder(spec.data, **kwargs)
-            if spec.role in ("result", "compare"):
+            if spec.role in ("result", "compare") and spec.kind == "points":
                 self.watch_selection(layer)
             return layer
         if spec.kind == "points":
@@ -238,6 +253,9 @@ class ViewerBridge:
                 if attr in style:
                     setattr(layer, attr, style[attr])
         layer.name = spec.name
+        if VIEWPORT not in meta:  # no longer millions of points: drawn as they are
+            layer.metadata.pop(VIEWPORT, None)
+            layer.metadata.pop("spatialssl_in_view", None)
         layer.metadata.update(meta)
         layer.visible = True
         return layer

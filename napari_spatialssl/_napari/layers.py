@@ -13,8 +13,8 @@ Conventions (see ARCHITECTURE.md):
   ``cell_index`` column (the row in ``metadata['adata']``, -1 for points a user adds), so that results
   and exports map back to cells even after points are deleted.
 - ``layer.metadata['adata']`` is the AnnData (the napari-spatialdata convention).
-- Huge slides (more than ``max_points`` cells, default 2 million) show a seeded random subsample and
-  say so in the layer name; gene images are still rasterised from every cell.
+- Huge slides (more than ``max_points`` cells, default 2 million) show every cell: an overview image of
+  all of them, and the real points of the cells in view when zoomed in (big_slides.py).
 
 This module is the only place that knows the layout; it imports napari only inside the functions that
 touch live layers, so building layer data stays cheap and testable without Qt.
@@ -40,7 +40,8 @@ from ..data.io import (
 LayerData = tuple  # (data, kwargs, layer_type), napari's LayerDataTuple
 
 DEFAULT_MAX_POINTS = 2_000_000
-"""Above this many cells the Points layer shows a random subsample (rendering millions of points is slow)."""
+"""Above this many cells the slide is drawn as an overview image plus the cells in view (big_slides.py):
+napari draws millions of points at seconds per frame."""
 
 LABEL_KEY_CANDIDATES = (
     "cell_type", "celltype", "cell_types", "Cell_type", "CellType", "cell_class", "Cell_class",
@@ -244,7 +245,8 @@ def adata_to_points(
     adata : AnnData with coordinates in ``obsm[spatial_key]`` (x, y) or in the obs columns ``coord_columns``.
     section_key : obs column of section ids; 'auto' detects common names; None = one section.
     color_by : obs column to colour by; 'auto' picks a cell-type-like column; None = plain colour.
-    max_points : above this many cells show a seeded random subsample of this size (layer name says so).
+    max_points : above this many cells the layer holds only the cells in view, over an overview image of
+        every cell (big_slides.py); ``seed`` draws the cells that measure the point size.
 
     Raises :class:`SpatialDataError` (clear message) for missing / non-numeric / non-finite coordinates,
     unknown section or colour keys.
@@ -255,20 +257,10 @@ def adata_to_points(
     offsets = tile_offsets(coords, codes, len(sec_names))
     n_total = adata.n_obs
 
-    rows = None
-    if n_total > max_points:
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n_total, size=max_points, replace=False))
-    shown_xy = coords if rows is None else coords[rows]
-    shown_codes = codes if rows is None else codes[rows]
-    display_xy = shown_xy + offsets[shown_codes]
-    data = xy_to_rowcol(display_xy).astype(np.float32)
-
+    data = xy_to_rowcol(coords + offsets[codes]).astype(np.float32)
     size = median_nn_distance(data.astype(np.float64), seed=seed)
-    features = obs_to_features(adata.obs, rows)
-    layer_name = name
-    if rows is not None:
-        layer_name = f"{name} (display subsample: {max_points:,} of {n_total:,} cells)"
+    features = obs_to_features(adata.obs, None)
+    huge = n_total > max_points
 
     metadata = {
         "adata": adata,
@@ -279,11 +271,12 @@ def adata_to_points(
         "tile_offsets_xy": {s: tuple(map(float, offsets[i])) for i, s in enumerate(sec_names)},
         "point_size": size,
         "n_cells_total": n_total,
-        "subsampled": rows is not None,
+        "subsampled": False,  # every cell is drawn; above max_points as an overview image + the cells in view
+        "overview": huge,
         "layout": "tiled" if len(sec_names) > 1 else "single",
     }
     kwargs: dict[str, Any] = {
-        "name": layer_name,
+        "name": name,
         "features": features,
         "feature_defaults": feature_defaults(features),
         "size": size,
@@ -297,6 +290,11 @@ def adata_to_points(
     else:
         kwargs["face_color"] = kwargs["border_color"] = "#e0e0e0"
         metadata["color_by"] = None
+    if huge:  # napari draws millions of points at seconds per frame: an overview image and the cells in view
+        from .big_slides import slide_overview
+
+        slide_overview(data, features, kwargs, adata, key)
+        data = np.zeros((0, 2), np.float32)
     return data, kwargs, "points"
 
 

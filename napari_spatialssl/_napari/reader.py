@@ -30,11 +30,18 @@ def _is_ours(path) -> bool:
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
-    """Return :func:`read_slides` when every path is an `.h5ad` file or a SpatialData store, else None."""
+    """Return :func:`read_slides_for_napari` when every path is an `.h5ad` file or a SpatialData store, else None."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths or not all(_is_ours(p) for p in paths):
         return None
-    return read_slides
+    return read_slides_for_napari
+
+
+def read_slides_for_napari(path: str | list[str]) -> list[LayerData]:
+    """:func:`read_slides`, with each huge slide's overview image of every cell under its points layer."""
+    from .big_slides import with_overviews
+
+    return with_overviews(read_slides(path))
 
 
 def read_slides(path: str | list[str]) -> list[LayerData]:
@@ -74,9 +81,8 @@ def read_store(path: str | os.PathLike, *, coordinate_system=None, section_key: 
             raise SpatialDataError(msg) from None
         _add_spatialdata_metadata(layer_data, entry)
         meta = layer_data[1]["metadata"]
-        if meta["subsampled"]:
-            _notify(f"{name}: {meta['n_cells_total']:,} cells; showing a random {len(layer_data[0]):,} for speed "
-                    "(training, gene images and exports use every cell).")
+        if meta["overview"]:
+            _notify(_overview_note(name, meta))
         out.append(layer_data)
     return out
 
@@ -170,10 +176,16 @@ def read_slide(path: str | os.PathLike, *, section_key: str | None = "auto", col
             msg = f"{p}: {msg}"
         raise SpatialDataError(msg) from None
     meta = layer_data[1]["metadata"]
-    if meta["subsampled"]:
-        _notify(f"{p.name}: {meta['n_cells_total']:,} cells; showing a random {len(layer_data[0]):,} for speed "
-                "(training, gene images and exports use every cell).")
+    if meta["overview"]:
+        _notify(_overview_note(p.name, meta))
     return layer_data
+
+
+def _overview_note(name: str, meta: dict) -> str:
+    from .big_slides import IN_VIEW_MAX_POINTS
+
+    return (f"{name}: {meta['n_cells_total']:,} cells, drawn as an image of every cell; zoom in to under "
+            f"{IN_VIEW_MAX_POINTS:,} cells in view to see the cells themselves.")
 
 
 def _notify(message: str) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..data.io import SpatialDataError
 from . import displays
+from .big_slides import fitted
 
 
 def _reference_key(session, result) -> str | None:
@@ -26,7 +27,7 @@ def show(session, method: str, what: str, gene: str | None = None):
     ref = _reference_key(session, result) if what != "cell types" else session.config(method).data.label_key
     session.shown = (method, what, gene)
     session.side_job(f"colouring {method} {what}",
-                     lambda: displays.result_layer(slide, result, what, gene, reference_key=ref), (),
+                     fitted(lambda: displays.result_layer(slide, result, what, gene, reference_key=ref)), (),
                      session.events.display.emit)
 
 
@@ -46,8 +47,8 @@ def compare(session, gene: str, methods: list[str] | None = None):
     results = [r for r in results if r.has("reconstruction")]
     if not results:
         raise SpatialDataError("no reconstruction to compare yet: train a method first.")
-    session.side_job(f"comparing {gene}", lambda: displays.compare_layers(slide, results, gene,
-                                                                          _measured(session, results, gene)),
+    session.side_job(f"comparing {gene}", fitted(lambda: displays.compare_layers(slide, results, gene,
+                                                                                  _measured(session, results, gene))),
                      (), session.events.display.emit)
 
 
@@ -106,7 +107,9 @@ def inspect_region(session, method: str, polygon: np.ndarray, gene: str | None =
 
     def job():
         cells = cells_in_polygon(slide.positions, polygon)
-        return _region_job(result.trained, cells, session.config(method).device, gene, slide, polygon)
+        report, display, chosen = _region_job(result.trained, cells, session.config(method).device, gene, slide,
+                                              polygon)
+        return report, fitted(lambda: display)(), chosen
 
     def done(value):
         report, display, chosen = value
@@ -135,7 +138,7 @@ def show_region_gene(session, gene: str):
             raise SpatialDataError(f"gene {gene!r} is not among the model's genes.")
         return displays.region_layers(slide, report, gene, polygon, column(trained.data.X, report.genes.index(gene)))
 
-    session.side_job(f"showing {gene} in the region", job, (), session.events.display.emit)
+    session.side_job(f"showing {gene} in the region", fitted(job), (), session.events.display.emit)
 
 
 @dataclass

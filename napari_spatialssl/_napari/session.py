@@ -38,7 +38,7 @@ class Slide:
     name: str
     adata: object
     positions: np.ndarray  # (n_cells, 2) display (row, col) of every cell
-    shown: np.ndarray  # rows drawn in the slide layer (all, or a display subsample)
+    shown: np.ndarray  # rows the displays colour: every cell (huge slides: overview image + cells in view)
     point_size: float
     layer_section_key: str | None = None
 
@@ -47,9 +47,12 @@ class Slide:
         """A Slide laid out as the reader lays it out (for scripts and tests without napari)."""
         from .layers import adata_to_points, display_coordinates
 
+        from .big_slides import VIEWPORT
+
         data, kwargs, _ = adata_to_points(adata, name=name, **points_kwargs)
         meta = kwargs["metadata"]
-        rows = kwargs["features"]["cell_index"].to_numpy(np.int64)
+        feats = meta[VIEWPORT].features if VIEWPORT in meta else kwargs["features"]  # huge: every cell
+        rows = feats["cell_index"].to_numpy(np.int64)
         return cls(name, adata, display_coordinates(adata, meta), rows, float(kwargs["size"]), meta.get("section_key"))
 
 
