@@ -7,11 +7,12 @@ Plain napari (a Viewer, add_points / add_image), under a virtual X server:
 Both displays show the synthetic atlas (4.3M cells, 59 sections in the plugin's tiled layout,
 coloured by cell type), each in its own process (so its memory is its own):
 
-- today:  ``_napari.layers.adata_to_points`` as the plugin calls it: a Points layer of a seeded
-  2,000,000-cell random subsample, coloured by category;
-- pyramid: ``graphs.display_pyramid.colour_pyramid`` of every cell's colour as a multiscale RGB
-  Image layer at overview; zoomed in, a Points layer holding only the cells in view
-  (``PointWindow.query``), refreshed on every pan.
+- today (the baseline, the plugin before it drew huge slides whole): a Points layer of a seeded
+  2,000,000-cell random subsample, coloured by category, as ``adata_to_points`` used to make it;
+- pyramid: the plugin's own path: ``_napari.layers.adata_to_points`` (above 2M cells an overview
+  image of every cell's colour, ``big_slides``) added as the reader adds it (``with_overviews``),
+  and ``viewport.ViewportPoints`` filling the slide layer with the cells in view (at most
+  ``big_slides.IN_VIEW_MAX_POINTS``) after each camera move, hiding the overview while they show.
 
 Figures: time to first frame (from the layer's data to the first rendered frame, pyramid building
 included), and the frame time while panning (the median of 12 camera moves, each: move the
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-MAX_POINTS_IN_VIEW = 200_000
+TODAY_POINTS = 2_000_000  # the subsample the plugin drew before
 
 
 def rss_gb() -> float:
@@ -81,7 +82,6 @@ def run(kind: str, path: str | None, n_cells: int, queue) -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_spatialssl._napari import layers as L
-    from napari_spatialssl.graphs.display_pyramid import PointWindow, category_rgba, colour_pyramid, view_rectangle
 
     adata = load_atlas(path, n_cells)
     rss_data = rss_gb()
@@ -91,30 +91,26 @@ def run(kind: str, path: str | None, n_cells: int, queue) -> None:
     rec = {"display": kind, "n_cells": int(adata.n_obs)}
     t0 = time.perf_counter()
     if kind == "today":
-        data, kwargs, _ = L.adata_to_points(adata, color_by="cell_type")
-        layer = viewer.add_points(data, **kwargs)
-        rec["points_shown"] = int(len(data))
+        data, kwargs, _ = L.adata_to_points(adata, color_by="cell_type", max_points=adata.n_obs + 1)
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, size=min(TODAY_POINTS, adata.n_obs),
+                                                       replace=False))
+        kwargs["features"] = kwargs["features"].iloc[rows].reset_index(drop=True)
+        kwargs.pop("feature_defaults", None)
+        layer = viewer.add_points(data[rows], **kwargs)
+        rec["points_shown"] = int(len(rows))
     else:
-        coords = L.get_coordinates(adata)
-        codes, names = L.section_codes(adata, "section")
-        offsets = L.tile_offsets(coords, codes, len(names))
-        rowcol = L.xy_to_rowcol(coords + offsets[codes]).astype(np.float32)
-        size = L.median_nn_distance(rowcol.astype(np.float64))
-        cmap = L.category_colors(adata, "cell_type")
-        cats = list(adata.obs["cell_type"].cat.categories)
-        from matplotlib.colors import to_rgba
+        from napari.layers import Layer
 
-        palette = np.array([to_rgba(cmap[str(c)]) for c in cats])
-        t_p = time.perf_counter()
-        pyr = colour_pyramid(rowcol, category_rgba(adata.obs["cell_type"].cat.codes.to_numpy(), palette),
-                             point_size=size)
-        rec["pyramid_build_s"] = time.perf_counter() - t_p
+        from napari_spatialssl._napari.big_slides import OVERVIEW, with_overviews
+        from napari_spatialssl._napari.viewport import ViewportPoints
+
+        data, kwargs, kind_ = L.adata_to_points(adata, color_by="cell_type")  # the overview: built here
+        pyr = kwargs["metadata"][OVERVIEW]
         rec["pyramid_levels"] = [list(lv.shape[:2]) for lv in pyr.levels]
         rec["pyramid_mb"] = pyr.nbytes / 1e6
-        viewer.add_image(pyr.levels, **pyr.layer_kwargs())
-        window = PointWindow(rowcol)
-        points = viewer.add_points(np.zeros((0, 2), np.float32), size=size, border_width=0, name="cells in view",
-                                   visible=False)
+        for layer_data in with_overviews([(data, kwargs, kind_)]):
+            layer = viewer.add_layer(Layer.create(*layer_data))
+        viewport = ViewportPoints(viewer)
         rec["points_shown"] = 0
     viewer.reset_view()
     app.processEvents()
@@ -133,26 +129,20 @@ def run(kind: str, path: str | None, n_cells: int, queue) -> None:
     viewer.camera.zoom = canvas_hw[1] / zoom_span
     centre = np.array(viewer.camera.center[-2:])
     zoomed = centre + (rng.random((12, 2)) - 0.5) * zoom_span
-    shown = []
-    refresh = None
-    if kind != "today":
-        def refresh():
-            rows, cols = view_rectangle(viewer.camera.center[-2:], viewer.camera.zoom, canvas_hw)
-            idx = window.query(rows, cols, max_points=MAX_POINTS_IN_VIEW)
-            if idx is None:
-                points.visible = False
-                return
-            colors = category_rgba(adata.obs["cell_type"].cat.codes.to_numpy()[idx], palette)
-            points.data = rowcol[idx]
-            points.face_color = colors / 255.0
-            points.border_color = colors / 255.0
-            points.visible = True
-            shown.append(len(idx))
+    shown, refresh_ms = [], []
 
+    def refresh_viewport():  # what the viewport's timer runs once the camera stops
+        viewport.refresh()
+        shown.append(len(layer.data))
+        refresh_ms.append(viewport.last_refresh_ms)
+
+    refresh = None if kind == "today" else refresh_viewport
     rec["zoomed_frame_s"] = float(np.median(_frames(viewer, app, zoomed, refresh)))
     rec["canvas_hw"] = list(canvas_hw)
     if shown:
         rec["zoomed_points_in_view_median"] = int(np.median(shown))
+        rec["viewport_refresh_ms_median"] = float(np.median(refresh_ms))
+        rec["viewport_refresh_ms_max"] = float(np.max(refresh_ms))
     rec["rss_after_data_gb"] = rss_data
     rec["peak_rss_gb"] = rss_gb()
     viewer.close()

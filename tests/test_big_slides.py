@@ -195,3 +195,19 @@ def test_a_huge_slide_in_napari_overview_then_the_cells_in_view(make_napari_view
 
         imwrite(f"{os.environ['SPATIALSSL_DEBUG_SHOTS']}/huge_gene_overview.png", viewer.screenshot(flash=False))
 
+
+
+def test_saving_a_huge_slide_layer_writes_every_cell(tmp_path):
+    """napari's Save on the slide layer of a huge slide (which holds only the cells in view) writes every
+    cell of the slide, not the few on screen."""
+    import anndata as ad_
+
+    from napari_spatialssl._napari.writer import write_points
+
+    a = _slide(8_000)
+    data, kw, _ = L.adata_to_points(a, max_points=1_000)
+    assert len(data) == 0
+    out = write_points(str(tmp_path / "all.h5ad"), data, {"features": kw["features"], "metadata": kw["metadata"]})
+    back = ad_.read_h5ad(out[0])
+    assert back.n_obs == a.n_obs and list(back.obs_names) == list(a.obs_names)
+    assert back.obs["cell_type"].astype(str).tolist() == a.obs["cell_type"].astype(str).tolist()

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..data.export import check_export_path, write_adata
 from ..data.io import SpatialDataError
+from .big_slides import VIEWPORT
 from .layers import rowcol_to_xy
 
 _DISPLAY_ONLY = ("cell_index",)
@@ -27,8 +28,11 @@ def layer_to_adata(data: np.ndarray, features: pd.DataFrame | None, metadata: di
     """AnnData for a Points layer's data (row, col), features and metadata (see module docstring)."""
     import anndata as ad
 
-    features = pd.DataFrame() if features is None else pd.DataFrame(features).reset_index(drop=True)
     metadata = metadata or {}
+    whole = metadata.get(VIEWPORT)
+    if whole is not None:  # a huge slide's layer holds the cells in view: it stands for every cell
+        data, features = whole.positions.astype(np.float64), whole.features
+    features = pd.DataFrame() if features is None else pd.DataFrame(features).reset_index(drop=True)
     source = metadata.get("adata")
     data = np.asarray(data)
     if len(features) and len(features) != len(data):
