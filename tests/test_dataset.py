@@ -128,3 +128,31 @@ def test_bad_expression_is_refused():
         SpatialDataset.from_anndata(bad)
     with pytest.raises(SpatialDataError, match="section"):
         SpatialDataset.from_anndata(_toy()).section_code("zzz")
+
+
+def test_normalised_sparse_expression_shares_the_input_pattern_only_when_safe():
+    """The normalised matrix reuses the input's index arrays (the atlas's 2.4 GB) when the input is
+    canonical and stores no zeros, never its values; the input is unchanged; otherwise everything is
+    copied. Values are those of the copy-everything path."""
+    from napari_spatialssl.data.dataset import normalize_total_log1p
+
+    rng = np.random.default_rng(0)
+    X = sp.random(400, 30, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    X.data = np.round(X.data * 9) + 1
+    before = X.copy()
+    out = normalize_total_log1p(X)
+    dense = X.toarray()
+    expect = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(out.toarray(), np.nan_to_num(expect), rtol=1e-5)
+    assert np.shares_memory(out.indices, X.indices) and not np.shares_memory(out.data, X.data)
+    assert (X != before).nnz == 0  # the input's values untouched
+    zeros = X.copy()
+    zeros.data[rng.integers(0, zeros.nnz, 5)] = 0.0  # explicit zeros: eliminate_zeros would move indices
+    assert not np.shares_memory(normalize_total_log1p(zeros).indices, zeros.indices)
+    unsorted = sp.csr_matrix((X.data[::-1].copy(), X.indices[::-1].copy(), X.indptr), shape=X.shape)
+    unsorted.has_sorted_indices = False
+    kept = unsorted.indices.copy()
+    got = normalize_total_log1p(unsorted)
+    assert not np.shares_memory(got.indices, unsorted.indices)
+    got.sort_indices()  # what the dataset does next: the user's matrix keeps its order
+    np.testing.assert_array_equal(unsorted.indices, kept)

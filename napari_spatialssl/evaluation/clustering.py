@@ -141,10 +141,10 @@ def _knn_connectivities(embeddings: np.ndarray, n_neighbors: int = 15, seed: int
 
 def _edges_igraph(n: int, edges: np.ndarray):
     """The undirected unweighted igraph of (m, 2) edges, in one ``add_edges`` call on an empty
-    graph (see :func:`_igraph`). Not ``Graph(n, edges)``: that constructor peaks at ~164 bytes per
-    edge over what it keeps (34), against ~57 for ``add_edges`` (measured at 5-20M edges, igraph
-    1.0; benchmarks/README.md): ~8 GB against ~3 GB for the 4.3M-cell atlas's ~48M edges, which
-    is what ran the atlas pipeline out of memory. Same graph, same edge order."""
+    graph (see :func:`_igraph`). Not ``Graph(n, edges)``: that constructor peaks at ~180 bytes per
+    edge (it keeps 34), against ~64 for ``add_edges`` (benchmarks/igraph_build_memory.py, 20M edges,
+    igraph 1.0): ~8.6 GB against ~3.1 GB for the 4.3M-cell atlas's ~48M edges, which is what ran
+    the atlas pipeline out of memory. Same graph, same edge order."""
     import igraph as ig
 
     g = ig.Graph(n=n, directed=False)
