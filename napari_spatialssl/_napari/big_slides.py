@@ -93,20 +93,20 @@ def overview_spec(spec, source: ViewportSource):
     from .displays import LayerSpec
 
     pyramid = colour_pyramid(source.positions, source.face, point_size=float(spec.style.get("size", 1.0)))
-    kwargs = pyramid.layer_kwargs(f"{spec.name} (overview of {source.n_points:,} cells)")
-    name = kwargs.pop("name")
-    kwargs.pop("multiscale"), kwargs.pop("rgb")
-    translate = np.asarray(spec.style.get("translate", (0.0, 0.0)), np.float64)
-    kwargs["translate"] = tuple(np.asarray(kwargs["translate"], np.float64) + translate[-2:])
+    style = pyramid.layer_kwargs(f"{spec.name} (overview of {source.n_points:,} cells)")
+    name = style.pop("name")
+    shift = np.asarray(spec.style.get("translate", (0.0, 0.0)), np.float64)[-2:]  # panels: the layer's offset
+    style["translate"] = tuple(np.asarray(style["translate"], np.float64) + shift)
     meta = {**spec.metadata, "spatialssl_overview_of": spec.key}
-    return LayerSpec(f"{spec.key}:overview", "image", name, pyramid.levels, {**kwargs, "multiscale": True,
-                                                                              "rgb": True}, None, meta, spec.role)
+    return LayerSpec(f"{spec.key}:overview", "image", name, pyramid.levels, style, None, meta, spec.role)
 
 
 def fit_display(display, limit: int | None = None):
     """`display` with each points layer of more than `limit` points (default OVERVIEW_ABOVE_POINTS)
     replaced by its overview image and its points in view (empty until the viewer asks for the view);
     the others unchanged. Run it off the main thread: the overview of 4.3M cells takes ~10 s."""
+    from .displays import LayerSpec
+
     limit = OVERVIEW_ABOVE_POINTS if limit is None else int(limit)
     specs = []
     for spec in display.specs:
@@ -116,8 +116,6 @@ def fit_display(display, limit: int | None = None):
         source = source_of_spec(spec)
         specs.append(overview_spec(spec, source))
         empty = source.layer_values(np.zeros(0, np.int64))
-        from .displays import LayerSpec
-
         specs.append(LayerSpec(spec.key, "points", f"{spec.name} (cells in view)", empty["data"],
                                {**spec.style, **EMPTY_STYLE}, empty.get("features"),
                                {**spec.metadata, VIEWPORT: source}, spec.role))
