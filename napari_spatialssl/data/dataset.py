@@ -273,7 +273,8 @@ class SpatialDataset:
 
         # Normalise on all genes (library size is a property of the cell), then subset.
         Xn = normalize_total_log1p(X, pp.target_sum, do_log) if do_norm else (
-            _log1p_copy(X) if do_log else (same_pattern(X, X.data) if sp.issparse(X) else np.asarray(X, np.float32))
+            _log1p_copy(X) if do_log else (same_pattern(X, X.data.astype(np.float32)) if sp.issparse(X)
+                                           else np.array(X, np.float32, copy=True))  # values: our own copy
         )
         Xn = _take_columns(Xn, gene_index)
         scaled_centered = None
