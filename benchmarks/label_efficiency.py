@@ -205,6 +205,151 @@ def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants
     return rows
 
 
+PROBE_FEATURES = ("expression", "expression+pretrained", "expression+random_init", "expression+neighbour_mean",
+                  "pretrained")
+PROBE_C = (0.03, 0.1, 0.3, 1.0)
+
+
+def run_probe_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], train_name: str, test_name: str,
+                   data_overrides: dict | None, quick: bool, done: set) -> list[dict]:
+    """Frozen-encoder probes: one pretraining per seed, then logistic regression (L-BFGS, L2 with
+    C in PROBE_C, the baseline's class weights) on each feature set of PROBE_FEATURES, scored both on
+    the outer split of the training section (tune=True: where C and the feature set are chosen) and
+    on the held-out section (tune=False: where they are reported). 'expression+random_init' (the
+    same architecture, untrained) and 'expression+neighbour_mean' (the mean expression of the
+    cell's graph neighbours) are the controls: a gain over them is what pretraining adds."""
+    if all((seed, f, "probe", t, " ".join(pretrain_extra)) in done for f in fractions for t in (True, False)):
+        return []
+    import torch
+
+    from napari_spatialssl.evaluation.classification import logistic_regression_baseline
+    from napari_spatialssl.models.gnn_mask import GnnMask
+    from napari_spatialssl.pipeline import dataset_from_config, make_config
+    from napari_spatialssl.training import Trainer, seed_everything
+
+    overrides = benchmark_overrides("whole", 30.0, seed, pretrain_extra)
+    overrides.update({"eval.train_sections": train_name, "eval.test_sections": test_name})
+    if data_overrides is not None:
+        overrides = {k: v for k, v in overrides.items() if k != "data.ignore_labels"} | data_overrides
+    if quick:
+        overrides.update({"epochs": "5"})
+    cfg = make_config("gnn-mask", overrides=overrides)
+    data = dataset_from_config(adata, cfg)
+    truth = data.labels.copy()
+    k = len(data.label_names)
+    train_cells = np.flatnonzero(data.section == data.section_code(train_name))
+    test_cells = np.flatnonzero(data.section == data.section_code(test_name))
+    labelled = train_cells[truth[train_cells] >= 0]
+    rng_o = np.random.default_rng([seed, 23])  # the same outer split as run_seed's --tune
+    outer = np.sort(rng_o.choice(labelled, size=int(round(0.15 * len(labelled))), replace=False))
+    splits = {True: (np.setdiff1d(labelled, outer), outer), False: (labelled, test_cells[truth[test_cells] >= 0])}
+
+    data.labels = np.full_like(truth, -1)  # pretraining sees no labels
+    seed_everything(seed)
+    method = GnnMask(cfg)
+    method.data = data
+    method.prepare(data)
+    t0 = time.perf_counter()
+    pre = Trainer(cfg).fit(method)
+    pre_s = time.perf_counter() - t0
+    dev = torch.device("cpu")
+    every = np.arange(data.n_cells)
+    nothing_hidden = np.zeros(data.n_cells, bool)
+    with torch.no_grad():
+        emb_pre = method._reconstruct(every, nothing_hidden, dev, outputs=False)[0]
+        torch.manual_seed(seed + 1000)
+        emb_rand = method._reconstruct(every, nothing_hidden, dev, model=method.build_model(), outputs=False)[0]
+    X_all = data.dense_rows(every)
+    feats = {"expression": X_all, "expression+pretrained": np.hstack([X_all, emb_pre]),
+             "expression+random_init": np.hstack([X_all, emb_rand]),
+             "expression+neighbour_mean": np.hstack([X_all, method._neighbor_mean(every, nothing_hidden)]),
+             "pretrained": emb_pre}
+    data.labels = truth
+    rows = []
+    for tune, (pool, evaluate_on) in splits.items():
+        y_eval = truth[evaluate_on]
+        common = np.flatnonzero(np.bincount(y_eval, minlength=k) >= MIN_TEST_CELLS)
+        for frac in fractions:
+            if (seed, frac, "probe", tune, " ".join(pretrain_extra)) in done:
+                continue
+            rng = np.random.default_rng([seed, 7, int(round(frac * 1000)), int(tune)])
+            subset = stratified_subset(pool, truth, frac, rng)
+            t1 = time.perf_counter()
+            row = {"seed": seed, "fraction": frac, "n_labelled": int(len(subset)), "tune": tune, "variant": "probe",
+                   "evaluated_on": "outer split of the training section" if tune else "held-out section",
+                   "n_eval_cells": int(len(evaluate_on)), "n_common_classes": int(len(common)),
+                   "pretrain": pretrain_extra, "pretrain_epochs": pre.epochs_run, "pretrain_seconds": pre_s,
+                   "classes_in_subset": int(len(np.unique(truth[subset]))), "probes": {}}
+            for name, F in feats.items():
+                for C in PROBE_C:
+                    pred = logistic_regression_baseline(F[subset], truth[subset], F[evaluate_on],
+                                                        class_weights=cfg.finetune.class_weights, seed=seed, C=C)
+                    row["probes"][f"{name}@{C:g}"] = scores(y_eval, pred, common)
+            row["mlp"] = scores(y_eval, mlp_expression(X_all[subset], truth[subset], X_all[evaluate_on], seed), common)
+            row["probe_seconds"] = time.perf_counter() - t1
+            rows.append(row)
+            print(json.dumps({"seed": seed, "fraction": frac, "tune": tune, "n": len(subset),
+                              **{f: round(max(row["probes"][f"{f}@{C:g}"]["macro_f1"] for C in PROBE_C), 3)
+                                 for f in feats}}), flush=True)
+    return rows
+
+
+def summarise_probes(rows: list[dict], metric: str = "macro_f1") -> str:
+    """One table per pretraining setting (``--set``): per feature set, C chosen on the outer split
+    (mean over seeds, per label fraction) and the held-out section's score at that C; the feature
+    set is chosen the same way. Then the outer-split scores alone (where settings are compared)."""
+    rows = [r for r in rows if r.get("variant") == "probe"]
+    settings = sorted({" ".join(r["pretrain"]) for r in rows})
+    if len(settings) > 1:
+        return "\n".join(summarise_probes([r for r in rows if " ".join(r["pretrain"]) == s], metric)
+                         for s in settings) + "\n" + outer_probe_table(rows, metric)
+    if not rows:
+        return ""
+    fracs = sorted({r["fraction"] for r in rows})
+    seeds = lambda tune, f: [r for r in rows if r["tune"] == tune and r["fraction"] == f]
+    pre = " ".join(rows[0]["pretrain"]) or "defaults"
+    out = ["", f"#### frozen-encoder probes, pretraining {pre}, {metric}: C chosen on the outer split; held-out section "
+           "(mean ± s.d.)", "",
+           "| labels | seeds | " + " | ".join(f"{f} (C)" for f in PROBE_FEATURES) + " | MLP on expression | "
+           "chosen on the outer split | its held-out score - expression |",
+           "|---|---|" + "---|" * (len(PROBE_FEATURES) + 3)]
+    for f in fracs:
+        tune_rows, test_rows = seeds(True, f), seeds(False, f)
+        if not tune_rows or not test_rows:
+            continue
+        cells, outer_best, held = [], {}, {}
+        for name in PROBE_FEATURES:
+            outer = {C: np.mean([r["probes"][f"{name}@{C:g}"][metric] for r in tune_rows]) for C in PROBE_C}
+            C = max(outer, key=outer.get)
+            v = np.array([r["probes"][f"{name}@{C:g}"][metric] for r in test_rows])
+            outer_best[name], held[name] = outer[C], v
+            cells.append(f"{v.mean():.3f} ± {v.std():.3f} ({C:g})")
+        pick = max(outer_best, key=outer_best.get)
+        mlp = np.array([r["mlp"][metric] for r in test_rows])
+        out.append(f"| {f:g} | {len(test_rows)} | " + " | ".join(cells) + f" | {mlp.mean():.3f} ± {mlp.std():.3f} | "
+                   f"{pick} | {held[pick].mean() - held['expression'].mean():+.3f} |")
+    return "\n".join(out)
+
+
+def outer_probe_table(rows: list[dict], metric: str = "macro_f1") -> str:
+    """Outer-split (tuning) score of 'expression+pretrained' at its best C, per pretraining setting
+    and label fraction, beside 'expression' and 'expression+random_init' at theirs: where
+    pretraining settings are compared (the held-out section plays no part)."""
+    rows = [r for r in rows if r.get("variant") == "probe" and r["tune"]]
+    fracs = sorted({r["fraction"] for r in rows})
+    out = ["", f"#### outer split of the training section, {metric} at the best C (mean over seeds)", "",
+           "| pretraining | seeds | " + " | ".join(f"{f:g}: +pretrained / expression / +random" for f in fracs) + " |",
+           "|---|---|" + "---|" * len(fracs)]
+    for s in sorted({" ".join(r["pretrain"]) for r in rows}):
+        rs = [r for r in rows if " ".join(r["pretrain"]) == s]
+        best = lambda name, f: max(np.mean([r["probes"][f"{name}@{C:g}"][metric] for r in rs if r["fraction"] == f])
+                                   for C in PROBE_C)
+        out.append(f"| {s or 'defaults'} | {len({r['seed'] for r in rs})} | " + " | ".join(
+            f"{best('expression+pretrained', f):.3f} / {best('expression', f):.3f} / {best('expression+random_init', f):.3f}"
+            for f in fracs) + " |")
+    return "\n".join(out)
+
+
 CLASSIFIERS = ("pretrained", "random_init", "logreg", "mlp")
 METRICS = ("macro_f1", "macro_f1_common", "balanced_accuracy", "accuracy")
 
@@ -212,6 +357,8 @@ METRICS = ("macro_f1", "macro_f1_common", "balanced_accuracy", "accuracy")
 def summarise(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
+        if r.get("variant") == "probe":
+            continue
         groups.setdefault((r["tune"], " ".join(r["pretrain"]), r["variant"], r["fraction"]), []).append(r)
     out = []
     for metric in METRICS:
@@ -243,6 +390,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, 2 fractions, short training; prints one JSON line")
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic slide instead of the MERFISH file")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init fine-tuning (tuning runs)")
+    p.add_argument("--probes", action="store_true",
+                   help="frozen-encoder probes (logistic regression on expression + embeddings), tuned and held out")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
     import torch
@@ -268,15 +417,20 @@ def main(argv=None) -> int:
         fracs = [float(f) for f in args.fractions.split(",")]
         for seed in args.seeds:
             done = {(r["seed"], r["fraction"], r["variant"], r["tune"], " ".join(r["pretrain"])) for r in rows}
-            new = run_seed(adata, seed, fracs, pretrain_extra=args.extra, variants=args.variants.split(","),
-                           tune=args.tune, train_name=tr, test_name=te, data_overrides=dov, quick=False, done=done,
-                           random_init=not args.no_random_init)
+            if args.probes:
+                new = run_probe_seed(adata, seed, fracs, pretrain_extra=args.extra, train_name=tr, test_name=te,
+                                     data_overrides=dov, quick=False, done=done)
+            else:
+                new = run_seed(adata, seed, fracs, pretrain_extra=args.extra, variants=args.variants.split(","),
+                               tune=args.tune, train_name=tr, test_name=te, data_overrides=dov, quick=False, done=done,
+                               random_init=not args.no_random_init)
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a") as fh:
                 for r in new:
                     fh.write(json.dumps(r) + "\n")
             rows += new
     print(summarise(rows))
+    print(summarise_probes(rows))
     return 0
 
 

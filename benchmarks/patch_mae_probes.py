@@ -83,7 +83,7 @@ def summarise(rows: list[dict]) -> str:
         ari = np.mean([np.mean(list(r["ari_per_slice"].values())) for r in rs])
         mse = np.mean([r["masked_mse"].get("4", r["masked_mse"].get(4, np.nan)) for r in rs])
         lines.append(f"| {name} | {ov or '-'} | {ep} | {','.join(str(r['seed']) for r in rs)} | {f('mlp'):.3f} "
-                     f"({', '.join(f'{r['mlp']:.3f}' for r in rs)}) | {f('knn'):.3f} | {f('pca_mlp'):.3f} / "
+                     f"({', '.join(format(r['mlp'], '.3f') for r in rs)}) | {f('knn'):.3f} | {f('pca_mlp'):.3f} / "
                      f"{f('pca_knn'):.3f} | {f('mlp') - d_mlp:+.3f} | {f('knn') - d_knn:+.3f} | {ari:.3f} | {mse:.4f} "
                      f"| {f('train_seconds'):.0f} |")
     return "\n".join(lines)
