@@ -428,3 +428,34 @@ def test_no_dense_imputation_layer_when_eval_reconstruction_keeps_none(slide, mo
     assert "patch-mae_reconstruction" not in out.adata.layers
     assert out.metrics["reconstruction_layer"]["cells_kept"] == 0
     assert out.metrics["reconstruction"]["masked_mse"] > 0  # the held-out benchmark does not need it
+
+
+def test_encoder_plus_input_readout_adds_each_bins_own_features_beside_the_encoder_output(fitted, slide):
+    """embed_readout='encoder+input': 2 x dim per cell; the first dim columns are the 'encoder'
+    embedding of the same model, the rest the bins' own input features, which (unlike the
+    encoder's output) do not depend on the neighbouring bins."""
+    out, _ = fitted
+    method = out.method
+    dev = torch.device("cpu")
+    enc = method.embed_cells(dev)
+    method.config.embed_readout = "encoder+input"
+    try:
+        both = method.embed_cells(dev)
+    finally:
+        method.config.embed_readout = "encoder"
+    d = enc.shape[1]
+    assert both.shape == (slide.n_obs, 2 * d)
+    np.testing.assert_allclose(both[:, :d], enc, atol=1e-5)
+    mae = method.model.mae
+    values, occ, genes = _random_batch(B=2, h=mae.h, m=4, n_genes=slide.n_vars, occ_p=1.0)
+    changed = values.clone()
+    changed[:, 0, 0] = changed[:, 0, 0] + 3.0  # only bin (0, 0) changes
+    a = mae.token_embeddings(values, occ, genes, "encoder+input")
+    b = mae.token_embeddings(changed, occ, genes, "encoder+input")
+    far = torch.arange(a.shape[1]) != 0
+    assert torch.allclose(a[:, far, d:], b[:, far, d:], atol=1e-6)  # own features: only bin 0 moves
+    assert not torch.allclose(a[:, far, :d], b[:, far, :d], atol=1e-4)  # the encoder mixes bins
+    with pytest.raises(ValueError, match="readout"):
+        mae.token_embeddings(values, occ, genes, "decoder")
+    with pytest.raises(SpatialDataError, match="embed_readout"):
+        make_config("patch-mae", ["embed_readout=decoder"]).validate()

@@ -37,8 +37,8 @@ masked-region reconstruction benchmark.
 
 Results (keys of models/base.py):
 
-- ``obsm['X_patch-mae']``: encoder output at the cell's bin with nothing masked, averaged over
-  the patches that tile the section with a stride of ``embed_stride`` bins (default h / 2, so
+- ``obsm['X_patch-mae']``: encoder output at the cell's bin with nothing masked (with
+  ``embed_readout='encoder+input'``, beside the bin's own input features), averaged over the patches that tile the section with a stride of ``embed_stride`` bins (default h / 2, so
   every bin is covered by up to four patches and never only at an edge), channels = the model's
   fixed ``channel_genes`` (the m genes of highest variance over all training bins);
 - ``layers['patch-mae_reconstruction']``: per-cell *imputation* from the bin: over the same tiles,
@@ -85,7 +85,7 @@ from ..graphs.lattice import (
 )
 from ..masking import MaskConfig, regions
 from .base import MethodResults, SSLMethod, register
-from .vit import RESIDUAL_MODES, PatchMaskedAutoencoder, random_token_mask
+from .vit import EMBED_READOUTS, RESIDUAL_MODES, PatchMaskedAutoencoder, random_token_mask
 
 NAME = "patch-mae"
 MASK_STRATEGIES = ("random_cells", "regions")
@@ -115,7 +115,9 @@ class PatchMAEConfig(TrainConfig):
     instead; loss_l1: weight of the absolute-error term added to the squared error (0 = plain MSE);
     loss_per_patch: average the loss per patch first; holdout_fraction / holdout_seed: held-out tiles; eval_mask_sizes, eval_mask_regions,
     eval_mask_repeats: masked-region benchmark; embed_stride: tiling stride for per-cell outputs
-    (None = patch_size // 2); eval_batch_size: patches per forward pass at inference;
+    (None = patch_size // 2); embed_readout: what a cell's embedding is ('encoder': the encoder's
+    output at its bin; 'encoder+input': that and the bin's own learned input features, 2 x dim);
+    eval_batch_size: patches per forward pass at inference;
     probe_train_fraction / probe_k / probe_hidden: probes; domain_clustering: 'joint' | 'per_section';
     reconstruction_layer: write the per-cell imputation layer (n_cells x n_genes floats) when
     eval.reconstruction keeps every row (all, or auto below 5e8 values; patch-mae masks no cells);
@@ -156,6 +158,7 @@ class PatchMAEConfig(TrainConfig):
     eval_mask_regions: int = 2
     eval_mask_repeats: int = 8
     embed_stride: int | None = None
+    embed_readout: str = "encoder"
     eval_batch_size: int = 32
     probe_train_fraction: float = 0.2
     probe_k: int = 15
@@ -194,6 +197,8 @@ class PatchMAEConfig(TrainConfig):
         "eval_mask_regions": "Squares per held-out tile in the benchmark.",
         "eval_mask_repeats": "Draws per square size in the benchmark.",
         "embed_stride": "Tiling stride for the per-cell embeddings (empty = half a patch).",
+        "embed_readout": "Per-cell embedding: encoder (the encoder's output at the cell's bin) or encoder+input "
+                         "(beside it, the bin's own learned input features; twice as wide).",
         "eval_batch_size": "Patches per forward pass when embedding.",
         "probe_train_fraction": "Share of labelled cells the k-NN / MLP probes train on.",
         "probe_k": "Neighbours of the k-NN probe.",
@@ -230,6 +235,8 @@ class PatchMAEConfig(TrainConfig):
             raise SpatialDataError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}.")
         if not 0.0 <= self.min_occupancy <= 1.0:
             raise SpatialDataError(f"min_occupancy must be in [0, 1], got {self.min_occupancy}.")
+        if self.embed_readout not in EMBED_READOUTS:
+            raise SpatialDataError(f"embed_readout must be one of {EMBED_READOUTS}, got {self.embed_readout!r}.")
         if self.residual_readout not in RESIDUAL_MODES:
             raise SpatialDataError(f"residual_readout must be one of {RESIDUAL_MODES}, got {self.residual_readout!r}.")
         if self.domain_clustering not in ("joint", "per_section"):
@@ -605,14 +612,16 @@ class PatchMAE(SSLMethod):
 
     @torch.no_grad()
     def embed_cells(self, device: torch.device) -> np.ndarray:
-        """(n_cells, dim) encoder output at each cell's bin, averaged over overlapping tiles."""
+        """(n_cells, d) embedding at each cell's bin (``embed_readout``; d = dim, or 2 dim with the
+        input features), averaged over overlapping tiles."""
         model = self.model.to(device).eval()
         mae, h, bs = model.mae, self.h, self.config.eval_batch_size
-        p = self.config.token_bins
-        out = np.zeros((self.data.n_cells, mae.dim), dtype=np.float32)
+        p, readout = self.config.token_bins, self.config.embed_readout
+        d = mae.dim * (2 if readout == "encoder+input" else 1)
+        out = np.zeros((self.data.n_cells, d), dtype=np.float32)
         for lat, tiles in zip(self.lattices, self._tiles()):
             H, W = lat.shape
-            acc = torch.zeros(H * W, mae.dim, device=device)
+            acc = torch.zeros(H * W, d, device=device)
             cnt = torch.zeros(H * W, device=device)
             for i in range(0, len(tiles), bs):
                 o = tiles[i:i + bs]
@@ -620,7 +629,7 @@ class PatchMAE(SSLMethod):
                 genes = torch.as_tensor(pb.genes, device=device)
                 occ = torch.as_tensor(pb.occupancy, device=device)
                 x = model.standardise(torch.as_tensor(pb.values, device=device), occ, genes)
-                tok = mae.token_embeddings(x, occ, genes)  # (B, T, d)
+                tok = mae.token_embeddings(x, occ, genes, readout)  # (B, T, d)
                 per_bin = mae.from_tokens(tok[:, :, None, :].expand(-1, -1, p * p, -1)).float()  # (B, h, w, d)
                 flat, keep = self._bin_index(o, lat, occ)
                 acc.index_add_(0, flat, per_bin[keep])

@@ -36,6 +36,7 @@ from torch import nn
 
 
 RESIDUAL_MODES = ("none", "patch_mean", "local", "attend")
+EMBED_READOUTS = ("encoder", "encoder+input")
 
 
 def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -189,12 +190,14 @@ class PatchMaskedAutoencoder(nn.Module):
 
     # -- encoder ----------------------------------------------------------------------------
     def encode(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor,
-               visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               visible: torch.Tensor, *, with_input: bool = False):
         """Encode the visible tokens only.
 
         values (B, h, w, m) float, occupancy (B, h, w) bool, genes (B, m) long, visible (B, T)
         bool (must imply occupied). Returns (states (B, 1 + L, dim) with the class token first,
-        token index (B, L) of each encoded slot, padding (B, L) bool True where a slot is empty).
+        token index (B, L) of each encoded slot, padding (B, L) bool True where a slot is empty);
+        ``with_input``: also the slots' input features (B, L, dim), the normalised projection of
+        their own channels before any position or attention (what the tokens start from).
         """
         B = values.shape[0]
         n_vis = visible.sum(dim=1)
@@ -208,12 +211,12 @@ class PatchMaskedAutoencoder(nn.Module):
         occ = torch.gather(tok_occ, 1, order[:, :, None].expand(-1, -1, self.p * self.p))
         x = self.embed(vals.reshape(B, L * self.p * self.p, -1), genes)
         x = x.reshape(B, L, self.p * self.p, self.dim) + occ[..., None].to(x.dtype) * self.bin_occupied
-        x = self.token_norm(self.merge(x.reshape(B, L, -1)))
-        x = x + self.pos[order].to(x.dtype)
+        x_in = self.token_norm(self.merge(x.reshape(B, L, -1)))
+        x = x_in + self.pos[order].to(x_in.dtype)
         x = torch.cat([self.cls.expand(B, -1, -1).to(x.dtype), x], dim=1)
         full_pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=x.device), pad], dim=1)
         x = _run(self.encoder, x, full_pad)
-        return x, order, pad
+        return (x, order, pad, x_in) if with_input else (x, order, pad)
 
     # -- decoder ----------------------------------------------------------------------------
     def visible_bins(self, occupancy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -303,15 +306,21 @@ class PatchMaskedAutoencoder(nn.Module):
         return self.decode(states, order, pad, token_occ, genes, context=(values, occupancy, visible))
 
     @torch.no_grad()
-    def token_embeddings(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
-        """Encoder output (B, T, dim) of every occupied token with nothing masked (0 for empty tokens)."""
+    def token_embeddings(self, values: torch.Tensor, occupancy: torch.Tensor, genes: torch.Tensor,
+                         readout: str = "encoder") -> torch.Tensor:
+        """Every occupied token's embedding with nothing masked (0 for empty tokens): readout
+        'encoder' = the encoder output (B, T, dim); 'encoder+input' = the encoder output beside the
+        token's input features (B, T, 2 dim): its context and its own channels, both as learned."""
+        if readout not in EMBED_READOUTS:
+            raise ValueError(f"readout must be one of {EMBED_READOUTS}, got {readout!r}.")
         token_occ = self.token_occupancy(occupancy)
-        states, order, pad = self.encode(values, occupancy, genes, token_occ)
+        states, order, pad, x_in = self.encode(values, occupancy, genes, token_occ, with_input=True)
+        feats = states[:, 1:] if readout == "encoder" else torch.cat([states[:, 1:], x_in], dim=-1)
         B, L = order.shape
-        out = torch.zeros(B, self.n_tokens, self.dim, dtype=states.dtype, device=states.device)
+        out = torch.zeros(B, self.n_tokens, feats.shape[-1], dtype=states.dtype, device=states.device)
         b_idx = torch.arange(B, device=states.device)[:, None].expand_as(order)
         keep = ~pad
-        out[b_idx[keep], order[keep]] = states[:, 1:][keep]
+        out[b_idx[keep], order[keep]] = feats[keep]
         return out
 
 
