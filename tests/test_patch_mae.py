@@ -46,6 +46,9 @@ def hex_slide(n_side: int = 30, n_genes: int = 30, n_sections: int = 2, seed: in
 FAST = ["epochs=2", "patch_size=8", "n_channels=12", "patches_per_epoch=64", "batch_size=32", "dim=32",
         "decoder_dim=32", "depth=1", "eval_mask_sizes=2,4", "eval_mask_repeats=2", "eval.n_domains=4",
         "eval.domain_key=domain", "data.label_key=domain", "probe_hidden=16"]
+# the tests of per-bin loss arithmetic and of learning on this tiny slide (8 x 8-bin patches) use
+# one bin per token; everything else runs with the default 2 x 2-bin tokens
+BIN_TOKENS = ["token_bins=1"]
 
 
 @pytest.fixture(scope="module")
@@ -219,13 +222,14 @@ def test_region_mix_masks_squares_in_a_fraction_of_training_patches(slide):
     method.prepare(dataset_from_config(slide, cfg))
     batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
     assert batch.use_regions is not None and 0.3 < batch.use_regions.mean() < 0.7
-    sq = batch.token_mask.reshape(-1, 8, 8)
+    g = method.h // cfg.token_bins  # the token grid's side
+    sq = batch.token_mask.reshape(-1, g, g)
     n = sq.sum((1, 2))
-    assert n.min() >= 1 and n.max() <= 2 * 9  # 1-2 squares of side 1-3
+    assert n.min() >= 1 and n.max() <= 2 * 9  # 1-2 squares of side 1-3 tokens
     _, _, occ, _, masked = method._tensors(batch, torch.device("cpu"))
     masked = masked.numpy()
     use = batch.use_regions
-    tok_occ = occ.reshape(len(use), -1).numpy()
+    tok_occ = method.model.mae.token_occupancy(occ).numpy()  # (patches, tokens): any bin occupied
     assert not (masked & ~tok_occ).any()
     assert np.array_equal(masked[use], batch.token_mask[use] & tok_occ[use])
     loss = method.training_loss(batch, torch.device("cpu"))["loss"]
@@ -252,7 +256,7 @@ def test_attend_without_deviation_predicts_a_convex_mix_of_visible_bins():
 
 
 def test_per_patch_loss_weighs_every_patch_equally(slide):
-    cfg = make_config("patch-mae", FAST + ["region_mix=0.5", "loss_per_patch=true", "loss_l1=0"])
+    cfg = make_config("patch-mae", FAST + BIN_TOKENS + ["region_mix=0.5", "loss_per_patch=true", "loss_l1=0"])
     method = PatchMAE(cfg)
     method.prepare(dataset_from_config(slide, cfg))
     batch = next(iter(method.train_batches(1, np.random.default_rng(0))))
@@ -274,7 +278,7 @@ def test_l1_loss_term_adds_lambda_times_the_masked_absolute_error(slide):
     for per_patch in ("false", "true"):
         losses = {}
         for lam in (0.0, 0.5):
-            cfg = make_config("patch-mae", FAST + [f"loss_l1={lam}", f"loss_per_patch={per_patch}"])
+            cfg = make_config("patch-mae", FAST + BIN_TOKENS + [f"loss_l1={lam}", f"loss_per_patch={per_patch}"])
             method = PatchMAE(cfg)
             torch.manual_seed(0)
             method.prepare(dataset_from_config(slide, cfg))
@@ -397,8 +401,8 @@ def test_predict_rebuilds_the_model_and_reproduces_embeddings(fitted, slide, tmp
 def test_training_beats_the_patch_mean_on_held_out_tiles(slide):
     """A slightly longer run on the synthetic slide: the masked-region reconstruction must beat
     the zero and unmasked-mean baselines (domain profiles are learnable from the context)."""
-    out = fit(slide, "patch-mae", overrides=FAST + ["epochs=6", "patches_per_epoch=192", "reconstruction_layer=false",
-                                                    "lr=3e-3"])
+    out = fit(slide, "patch-mae", overrides=FAST + BIN_TOKENS + ["epochs=6", "patches_per_epoch=192",
+                                                                 "reconstruction_layer=false", "lr=3e-3"])
     rc = out.metrics["reconstruction"]
     assert rc["masked_mse"] < rc["baselines"]["zeros"]
     assert rc["masked_mse"] < rc["baselines"]["patch_mean"]

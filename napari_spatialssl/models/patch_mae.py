@@ -5,11 +5,13 @@ arXiv 2603.13432, 2026; re-implemented from the paper's description).
 View. Each section is rasterised to a lattice of square bins (``bin_size`` in the coordinates'
 units; default one median nearest-neighbour distance, i.e. about one spot or cell per bin; several
 cells in a bin are averaged, see graphs/lattice.py). Training samples are h x w patches of the
-lattice (default 16 x 16) with at least ``min_occupancy`` of their bins occupied, each with m gene
-channels (default 256; all genes when the panel is smaller) chosen by variance-weighted sampling
-without replacement (weight = the gene's variance over the patch's occupied bins).
+lattice (default 14 x 14, the paper's crop) with at least ``min_occupancy`` of their bins occupied,
+each with m gene channels (default 200, the paper's; all genes when the panel is smaller) chosen by
+variance-weighted sampling without replacement (weight = the gene's variance over the patch's
+occupied bins). These three defaults (with 2 x 2-bin tokens) were chosen on the DLPFC tuning
+slices' embedding probes (benchmarks/patch_mae.md, "Embeddings against PCA").
 
-Model (models/vit.py). A token is a bin (or a ``token_bins`` x ``token_bins`` group); its
+Model (models/vit.py). A token is a ``token_bins`` x ``token_bins`` group of bins (default 2); its
 embedding projects every channel value onto a learned embedding of that channel's gene and sums,
 so patches with different gene subsets share one model; fixed 2-D sin-cos positions. The encoder
 sees only visible, occupied tokens; a light decoder fills in the masked ones and predicts the
@@ -133,9 +135,9 @@ class PatchMAEConfig(TrainConfig):
     weight_decay: float = 0.05
     bin_size: float | None = None
     bin_factor: float = 1.0
-    patch_size: int = 16
-    token_bins: int = 1
-    n_channels: int = 256
+    patch_size: int = 14
+    token_bins: int = 2
+    n_channels: int = 200
     min_occupancy: float = 0.3
     patches_per_epoch: int = 1024
     batch_size: int = 64
