@@ -49,6 +49,16 @@ def per_slice_kmeans(emb: np.ndarray, data, k: int, seed: int) -> dict:
     return out
 
 
+REPORTED = ("151673", "151676")  # never used to choose a setting (151674 / 151675 are the tuning slices)
+
+
+def reported_slice_probes(emb: np.ndarray, data, cfg, seed: int) -> dict:
+    """The probes (same protocol) on the spots of the reported slices only."""
+    idx = np.concatenate([data.section_indices(s) for s, name in enumerate(data.section_names) if name in REPORTED])
+    return run_probes(np.asarray(emb)[idx], data.labels[idx], train_fraction=cfg.probe_train_fraction, seed=seed,
+                      k=cfg.probe_k, hidden=cfg.probe_hidden)
+
+
 def joint_scores(emb: np.ndarray, data, k: int, seed: int) -> dict:
     pred = kmeans(emb, k, seed=seed)
     per = {name: domain_scores(pred[data.section_indices(s)], data.domains[data.section_indices(s)])
@@ -193,6 +203,7 @@ def main(argv=None) -> dict:
             "domains_joint": m["domains"],
             "domains_per_slice_kmeans": per_slice_kmeans(emb, data, 7, seed),
             "probes": m["probes"],
+            "probes_reported_slices": reported_slice_probes(emb, data, cfg, seed),
             "reconstruction": m["reconstruction"],
             "summary": m["patch_mae"],
         }
@@ -203,6 +214,7 @@ def main(argv=None) -> dict:
             "domains_per_slice_kmeans": per_slice_kmeans(pca, data, 7, seed),
             "probes": run_probes(pca, data.labels, train_fraction=cfg.probe_train_fraction, seed=seed,
                                  k=cfg.probe_k, hidden=cfg.probe_hidden),
+            "probes_reported_slices": reported_slice_probes(pca, data, cfg, seed),
         }
         runs.append(run)
         rec = run["reconstruction"]
@@ -258,6 +270,10 @@ def summarise(runs: list[dict]) -> dict:
         "probe_mlp_ari": ms([r["probes"]["mlp"]["ari"] for r in runs]),
         "pca_probe_knn_acc": ms([r["baseline_pca"]["probes"]["knn"]["accuracy"] for r in runs]),
         "pca_probe_mlp_acc": ms([r["baseline_pca"]["probes"]["mlp"]["accuracy"] for r in runs]),
+        "reported_slices": list(REPORTED),
+        **{f"{who}probe_{p}_acc_reported_slices": ms([(r["baseline_pca"] if who else r)["probes_reported_slices"][p]
+                                                      ["accuracy"] for r in runs if "probes_reported_slices" in r])
+           for who in ("", "pca_") for p in ("knn", "mlp")},
         "reconstruction_mse": {
             z: {k: ms([r["reconstruction"]["by_mask_size"][z][k]["mse"] for r in runs])
                 for k in ("model", "zeros", "patch_mean", "nearest", "idw", "context_base")} for z in sizes},
