@@ -89,6 +89,20 @@ def test_previews_for_each_view(osmfish):
     assert mask.kind == "image" and mask.data.ndim == 3 and mask.data.shape[2] == 4
     assert 0 < (mask.data[..., 3] > 0).mean() < 1  # some bins hidden, not all
     assert sum(s.kind == "image" for s in specs.values()) >= 2  # the patch's gene channels too
+    # the model hides tokens (token_bins x token_bins bins), and so does the preview, for both masks
+    t = session.config().token_bins
+    assert t == 2
+    for strategy, word in (("random_cells", "tokens"), ("regions", "region(s) of 3 x 3 tokens")):
+        session.set_setting("mask.strategy", strategy)
+        session.set_setting("mask.region_size", 3)
+        session.preview_view()
+        mask = {s.key: s for s in rec.last("display")[0].specs}["preview:patch-mask"]
+        hidden = mask.data[..., 3] > 0
+        blocks = hidden.reshape(hidden.shape[0] // t, t, hidden.shape[1] // t, t)
+        assert (blocks.all((1, 3)) == blocks.any((1, 3))).all()  # whole tokens only
+        assert hidden.any() and word in mask.name, mask.name
+    # the last draw: n_regions squares of 3 x 3 tokens = 6 x 6 bins each (they may overlap)
+    assert 36 <= hidden.sum() <= 36 * session.config().mask.n_regions
     assert not rec.errors(), rec.errors()
 
 

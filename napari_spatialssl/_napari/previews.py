@@ -197,14 +197,15 @@ def patch_preview(slide, geometry, lattices: dict, bin_size: float, shape: tuple
                                {"colormap": cmap, "blending": "additive", "translate": tuple(corner),
                                 "scale": (scale, scale), "contrast_limits": (0.0, float(max(img.max(), 1e-6)))},
                                None, {"spatialssl_role": "preview"}, "preview"))
+    t = max(int(token_bins), 1)  # the model masks tokens (t x t bins), and so does the preview
     if mask_cfg.strategy == "regions":
-        mask = regions((h, w), int(mask_cfg.region_size), int(mask_cfg.n_regions), rng)
-        what = f"{mask_cfg.n_regions} region(s) of {mask_cfg.region_size} x {mask_cfg.region_size} bins"
+        side = min(int(mask_cfg.region_size), h // t, w // t)
+        tokens = regions((h // t, w // t), side, int(mask_cfg.n_regions), rng)
+        what = f"{mask_cfg.n_regions} region(s) of {side} x {side} tokens ({t} x {t} bins each)"
     else:
-        t = max(int(token_bins), 1)
         tokens = random_cells((h // t) * (w // t), float(mask_cfg.ratio), rng).reshape(h // t, w // t)
-        mask = np.kron(tokens, np.ones((t, t), dtype=bool))
         what = f"{int(tokens.sum())} of {tokens.size} tokens ({t} x {t} bins each)"
+    mask = np.kron(tokens, np.ones((t, t), dtype=bool))
     # The hidden bins as one translucent red image over the patch (same grid as the channel images).
     overlay = np.zeros(mask.shape + (4,), np.float32)
     overlay[mask] = (1.0, 0.2, 0.2, 0.45)
