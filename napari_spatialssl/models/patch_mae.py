@@ -40,7 +40,8 @@ masked-region reconstruction benchmark.
 Results (keys of models/base.py):
 
 - ``obsm['X_patch-mae']``: encoder output at the cell's bin with nothing masked (with
-  ``embed_readout='encoder+input'``, beside the bin's own input features), averaged over the patches that tile the section with a stride of ``embed_stride`` bins (default h / 2, so
+  ``embed_readout='encoder+input'``, beside the bin's own input features), averaged over the
+  patches that tile the section with a stride of ``embed_stride`` bins (default h / 2, so
   every bin is covered by up to four patches and never only at an edge), channels = the model's
   fixed ``channel_genes`` (the m genes of highest variance over all training bins);
 - ``layers['patch-mae_reconstruction']``: per-cell *imputation* from the bin: over the same tiles,
