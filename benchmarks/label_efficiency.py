@@ -111,6 +111,46 @@ def load(quick: bool, synthetic: bool):
     return read_h5ad(DATA), TRAIN, TEST, None, DATA.name
 
 
+def prepare_split(adata, seed: int, pretrain_extra: list[str], train_name: str, test_name: str,
+                  data_overrides: dict | None, quick_overrides: dict | None):
+    """The benchmark's config and dataset; (cfg, data, truth, k, labelled training-section cells,
+    labelled test-section cells, the outer split of the former: 15 %, seeded [seed, 23])."""
+    from napari_spatialssl.pipeline import dataset_from_config, make_config
+
+    overrides = benchmark_overrides("whole", 30.0, seed, pretrain_extra)
+    overrides.update({"eval.train_sections": train_name, "eval.test_sections": test_name})
+    if data_overrides is not None:
+        overrides = {k: v for k, v in overrides.items() if k != "data.ignore_labels"} | data_overrides
+    if quick_overrides:
+        overrides.update(quick_overrides)
+    cfg = make_config("gnn-mask", overrides=overrides)
+    data = dataset_from_config(adata, cfg)
+    truth = data.labels.copy()
+    train_cells = np.flatnonzero(data.section == data.section_code(train_name))
+    test_cells = np.flatnonzero(data.section == data.section_code(test_name))
+    labelled = train_cells[truth[train_cells] >= 0]
+    rng_o = np.random.default_rng([seed, 23])
+    outer = np.sort(rng_o.choice(labelled, size=int(round(0.15 * len(labelled))), replace=False))
+    return cfg, data, truth, len(data.label_names), labelled, test_cells[truth[test_cells] >= 0], outer
+
+
+def pretrain(cfg, data, truth: np.ndarray, seed: int):
+    """gnn-mask pretrained with no labels at all (both sections), as in benchmarks/gnn_mask.py;
+    (method, train result, seconds). The labels are restored on return."""
+    from napari_spatialssl.models.gnn_mask import GnnMask
+    from napari_spatialssl.training import Trainer, seed_everything
+
+    data.labels = np.full_like(truth, -1)
+    seed_everything(seed)
+    method = GnnMask(cfg)
+    method.data = data
+    method.prepare(data)
+    t0 = time.perf_counter()
+    pre = Trainer(cfg).fit(method)
+    data.labels = truth
+    return method, pre, time.perf_counter() - t0
+
+
 def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants: list[str], tune: bool,
              train_name: str, test_name: str, data_overrides: dict | None, quick: bool, done: set,
              random_init: bool = True) -> list[dict]:
@@ -120,41 +160,20 @@ def run_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], variants
 
     from napari_spatialssl.config import apply_overrides
     from napari_spatialssl.evaluation.classification import logistic_regression_baseline
-    from napari_spatialssl.models.gnn_mask import GnnMask, make_encoder
-    from napari_spatialssl.pipeline import dataset_from_config, make_config
+    from napari_spatialssl.models.gnn_mask import make_encoder
     from napari_spatialssl.training import Trainer, seed_everything
 
-    overrides = benchmark_overrides("whole", 30.0, seed, pretrain_extra)
-    overrides.update({"eval.train_sections": train_name, "eval.test_sections": test_name})
-    if data_overrides is not None:
-        overrides = {k: v for k, v in overrides.items() if k != "data.ignore_labels"} | data_overrides
-    if quick:
-        overrides.update({"epochs": "5", "finetune.epochs": "15", "finetune.patience": "5"})
-    cfg = make_config("gnn-mask", overrides=overrides)
-    data = dataset_from_config(adata, cfg)
-    truth = data.labels.copy()
-    k = len(data.label_names)
+    quick_o = {"epochs": "5", "finetune.epochs": "15", "finetune.patience": "5"} if quick else None
+    cfg, data, truth, k, pool, test_labelled, outer = prepare_split(adata, seed, pretrain_extra, train_name,
+                                                                    test_name, data_overrides, quick_o)
     train_cells = np.flatnonzero(data.section == data.section_code(train_name))
-    test_cells = np.flatnonzero(data.section == data.section_code(test_name))
-    pool = train_cells[truth[train_cells] >= 0]
     if tune:  # the outer split: hidden from every classifier, scored instead of the test section
-        rng_o = np.random.default_rng([seed, 23])
-        evaluate_on = np.sort(rng_o.choice(pool, size=int(round(0.15 * len(pool))), replace=False))
-        pool = np.setdiff1d(pool, evaluate_on)
+        evaluate_on, pool = outer, np.setdiff1d(pool, outer)
     else:
-        evaluate_on = test_cells[truth[test_cells] >= 0]
+        evaluate_on = test_labelled
     y_eval = truth[evaluate_on]
     common = np.flatnonzero(np.bincount(y_eval, minlength=k) >= MIN_TEST_CELLS)
-
-    # pretraining: no labels at all (both sections), as in benchmarks/gnn_mask.py
-    data.labels = np.full_like(truth, -1)
-    seed_everything(seed)
-    method = GnnMask(cfg)
-    method.data = data
-    method.prepare(data)
-    t0 = time.perf_counter()
-    pre = Trainer(cfg).fit(method)
-    pre_s = time.perf_counter() - t0
+    method, pre, pre_s = pretrain(cfg, data, truth, seed)
     dev = torch.device("cpu")
     cfg0 = copy.deepcopy(cfg)
     X_all = data.dense_rows(np.arange(data.n_cells))
@@ -223,35 +242,11 @@ def run_probe_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], tr
     import torch
 
     from napari_spatialssl.evaluation.classification import logistic_regression_baseline
-    from napari_spatialssl.models.gnn_mask import GnnMask
-    from napari_spatialssl.pipeline import dataset_from_config, make_config
-    from napari_spatialssl.training import Trainer, seed_everything
 
-    overrides = benchmark_overrides("whole", 30.0, seed, pretrain_extra)
-    overrides.update({"eval.train_sections": train_name, "eval.test_sections": test_name})
-    if data_overrides is not None:
-        overrides = {k: v for k, v in overrides.items() if k != "data.ignore_labels"} | data_overrides
-    if quick:
-        overrides.update({"epochs": "5"})
-    cfg = make_config("gnn-mask", overrides=overrides)
-    data = dataset_from_config(adata, cfg)
-    truth = data.labels.copy()
-    k = len(data.label_names)
-    train_cells = np.flatnonzero(data.section == data.section_code(train_name))
-    test_cells = np.flatnonzero(data.section == data.section_code(test_name))
-    labelled = train_cells[truth[train_cells] >= 0]
-    rng_o = np.random.default_rng([seed, 23])  # the same outer split as run_seed's --tune
-    outer = np.sort(rng_o.choice(labelled, size=int(round(0.15 * len(labelled))), replace=False))
-    splits = {True: (np.setdiff1d(labelled, outer), outer), False: (labelled, test_cells[truth[test_cells] >= 0])}
-
-    data.labels = np.full_like(truth, -1)  # pretraining sees no labels
-    seed_everything(seed)
-    method = GnnMask(cfg)
-    method.data = data
-    method.prepare(data)
-    t0 = time.perf_counter()
-    pre = Trainer(cfg).fit(method)
-    pre_s = time.perf_counter() - t0
+    cfg, data, truth, k, labelled, test_labelled, outer = prepare_split(
+        adata, seed, pretrain_extra, train_name, test_name, data_overrides, {"epochs": "5"} if quick else None)
+    splits = {True: (np.setdiff1d(labelled, outer), outer), False: (labelled, test_labelled)}
+    method, pre, pre_s = pretrain(cfg, data, truth, seed)
     dev = torch.device("cpu")
     every = np.arange(data.n_cells)
     nothing_hidden = np.zeros(data.n_cells, bool)
