@@ -259,7 +259,6 @@ def run_probe_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], tr
              "expression+random_init": np.hstack([X_all, emb_rand]),
              "expression+neighbour_mean": np.hstack([X_all, method._neighbor_mean(every, nothing_hidden)]),
              "pretrained": emb_pre}
-    data.labels = truth
     rows = []
     for tune, (pool, evaluate_on) in splits.items():
         y_eval = truth[evaluate_on]
@@ -267,6 +266,7 @@ def run_probe_seed(adata, seed: int, fractions, *, pretrain_extra: list[str], tr
         for frac in fractions:
             if (seed, frac, "probe", tune, " ".join(pretrain_extra)) in done:
                 continue
+            # a trailing 0 leaves a SeedSequence unchanged: the held-out subsets are run_seed's own
             rng = np.random.default_rng([seed, 7, int(round(frac * 1000)), int(tune)])
             subset = stratified_subset(pool, truth, frac, rng)
             t1 = time.perf_counter()
