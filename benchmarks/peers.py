@@ -529,7 +529,13 @@ def _python_for(method: str) -> Path:
 def run_one(method: str, case: str, seed: int, timeout: float) -> dict:
     """One run in its own process (a peer's environment, or ours), timed from the outside."""
     EMB_DIR.mkdir(parents=True, exist_ok=True)
-    out = EMB_DIR / case / f"{method}_seed{seed}"
+    # one file per run (the start time in its name): a rerun (`--again`) never overwrites the embedding
+    # an earlier record points at, so `score` scores it and `report` shows the latest run only
+    stamp, n = time.strftime("%Y%m%dT%H%M%S"), 0
+    out = EMB_DIR / case / f"{method}_seed{seed}_{stamp}"
+    while out.with_suffix(".npz").exists():
+        n += 1
+        out = EMB_DIR / case / f"{method}_seed{seed}_{stamp}-{n}"
     out.parent.mkdir(parents=True, exist_ok=True)
     py = _python_for(method)
     rec = {"method": method, "case": case, "seed": seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -719,9 +725,19 @@ def _ms(values, fmt="{:.3f}") -> str:
     return f"{fmt.format(v.mean())} ± {fmt.format(v.std())}"
 
 
+def latest_scores(rows: list[dict], runs: list[dict]) -> list[dict]:
+    """The score rows of the latest ok run of each (method, case, seed): a rerun (for instance after
+    a method's defaults changed) supersedes the earlier run, whose records stay in the files."""
+    latest = {}
+    for r in runs:  # runs.jsonl is appended in time order
+        if r["status"] == "ok":
+            latest[(r["method"], r["case"], r["seed"])] = r["embedding"]
+    return [r for r in rows if latest.get((r["run_method"], r["case"], r["seed"])) == r.get("embedding")]
+
+
 def cmd_report(args) -> int:
-    rows = _records(RESULTS / "scores.jsonl")
     runs = _records(RESULTS / "runs.jsonl")
+    rows = latest_scores(_records(RESULTS / "scores.jsonl"), runs)
     for case in CASES:
         rs = [r for r in rows if r["case"] == case]
         ok = {(r["method"], r["seed"]) for r in runs if r["case"] == case and r["status"] == "ok"}
@@ -772,7 +788,8 @@ def main(argv=None) -> int:
     r.add_argument("--cases", default="151673")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--timeout", type=float, default=5400.0, help="seconds per run")
-    r.add_argument("--again", action="store_true", help="rerun even when an ok record exists")
+    r.add_argument("--again", action="store_true",
+                   help="rerun even when an ok record exists; the new run supersedes it in `report`")
     w = sub.add_parser("worker")
     w.add_argument("--method", required=True)
     w.add_argument("--case", required=True)

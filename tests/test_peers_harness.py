@@ -1,0 +1,73 @@
+"""benchmarks/peers.py end to end on a tiny synthetic case with our PCA baseline (no peer environment
+needed): run, rerun with --again, score both protocols, and report only the latest run per seed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("peers_harness", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_slide(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n, g = 240, 40
+    xy = rng.uniform(0, 100, (n, 2))
+    band = np.digitize(xy[:, 0], [33, 66])  # three vertical domains
+    mean = np.ones((3, g))
+    for d in range(3):
+        mean[d, d * 10:(d + 1) * 10] = 12.0
+    X = rng.poisson(mean[band]).astype(np.float32)
+    labels = np.array(["A", "B", "C"], dtype=object)[band]
+    labels[:5] = np.nan  # unlabelled spots are left out of the scores
+    a = ad.AnnData(X=X, obs=pd.DataFrame({"region": labels}, index=[f"c{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=[f"g{i}" for i in range(g)]))
+    a.obsm["spatial"] = xy
+    a.write_h5ad(path)
+
+
+def test_rerun_supersedes_and_report_shows_latest(tmp_path, monkeypatch, capsys):
+    data, env = tmp_path / "data", tmp_path / "env"
+    data.mkdir()
+    _tiny_slide(data / "tiny.h5ad")
+    monkeypatch.setenv("SPATIALSSL_SHARED_DATA", str(data))
+    monkeypatch.setenv("PEERS_ENV", str(env))  # the worker subprocess reads the same case files
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mod = _module()
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    mod.CASES["tiny"] = {"file": "tiny.h5ad", "label": "region", "k": 3}
+
+    case = mod.prepare_case("tiny")
+    prepared = ad.read_h5ad(case)
+    assert prepared.uns["k"] == 3 and prepared.obs["truth"].isna().sum() == 5
+
+    for again in (False, False, True):  # the second call skips (an ok record exists), the third reruns
+        assert mod.main(["run", "--methods", "pca", "--cases", "tiny", "--seeds", "0"]
+                        + (["--again"] if again else [])) == 0
+    runs = [json.loads(ln) for ln in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in runs] == ["ok", "ok"], runs
+    assert runs[0]["embedding"] != runs[1]["embedding"]  # the rerun did not overwrite the first file
+    assert all((env / r["embedding"]).exists() for r in runs)
+
+    assert mod.main(["score", "--r-check-max-cells", "0"]) == 0
+    scores = [json.loads(ln) for ln in (tmp_path / "results" / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 2  # both runs scored, neither skipped as a duplicate
+    for s in scores:
+        assert s["kmeans"]["ari"] > 0.5 and s["gmm"]["ari"] > 0.5, s  # three clear domains
+    latest = mod.latest_scores(scores, runs)
+    assert [s["embedding"] for s in latest] == [runs[1]["embedding"]]
+
+    capsys.readouterr()
+    assert mod.main(["report"]) == 0
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| pca")]
+    assert len(table) == 1 and table[0].split(" | ")[1] == "0", table  # one row, seed 0 once
