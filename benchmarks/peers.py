@@ -652,7 +652,7 @@ def score_record(rec: dict, r_check_max_cells: int) -> list[dict]:
     import numpy as np
 
     from napari_spatialssl.evaluation.clustering import kmeans
-    from napari_spatialssl.evaluation.mclust import gmm_domains, leading_components
+    from napari_spatialssl.evaluation.mclust import gmm_domains
 
     a = _read_case(rec["case"])
     truth, section = _truth_codes(a), a.obs["section"].astype(str).to_numpy()
@@ -670,24 +670,68 @@ def score_record(rec: dict, r_check_max_cells: int) -> list[dict]:
         row["gmm"] = _scores(gmm_domains(emb, k, seed=seed), truth, section)
         row["score_seconds"] = time.perf_counter() - t0
         if len(emb) <= r_check_max_cells:
-            Z = leading_components(emb, 20, seed=seed)
-            lab, note = r_mclust(Z, k)
-            row["r_mclust"] = _scores(lab, truth, section) if lab is not None else {"error": note}
-            if lab is not None:
-                from sklearn.metrics import adjusted_rand_score
-
-                row["r_mclust"]["ari_vs_python_gmm"] = float(adjusted_rand_score(
-                    lab, gmm_domains(emb, k, seed=seed)))
+            row["r_mclust"] = _r_check(emb, k, seed, truth, section)
         own = {f.split("::", 1)[1]: z[f] for f in z.files if f.startswith("own::")
                and f.split("::", 1)[1].startswith(name)}
-        if name == "stagate" and len(emb) <= r_check_max_cells:
-            lab, note = r_mclust(emb, k)  # STAGATE's own protocol: mclust EEE on the raw 30-d embedding
-            own = {"stagate_mclust": lab} if lab is not None else {}
-            if lab is None:
-                row["own_error"] = note
         row["own"] = {o: _scores(v, truth, section) for o, v in own.items()}
+        if name == "stagate" and len(emb) <= r_check_max_cells:
+            _stagate_own(row, emb, k, truth, section)
         rows.append(row)
     return rows
+
+
+def _r_check(emb, k: int, seed: int, truth, section) -> dict:
+    """R's Mclust EEE on the same 20 leading components our GMM protocol uses, and its agreement with ours."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from napari_spatialssl.evaluation.mclust import gmm_domains, leading_components
+
+    lab, note = r_mclust(leading_components(emb, 20, seed=seed), k)
+    if lab is None:
+        return {"error": note}
+    out = _scores(lab, truth, section)
+    out["ari_vs_python_gmm"] = float(adjusted_rand_score(lab, gmm_domains(emb, k, seed=seed)))
+    return out
+
+
+def _stagate_own(row: dict, emb, k: int, truth, section) -> None:
+    lab, note = r_mclust(emb, k)  # STAGATE's own protocol: mclust EEE on the raw 30-d embedding
+    if lab is None:
+        row["own_error"] = note
+    else:
+        row["own"]["stagate_mclust"] = _scores(lab, truth, section)
+        row.pop("own_error", None)
+
+
+def fill_r_checks(scores: Path, r_check_max_cells: int) -> int:
+    """Add R's mclust check (and STAGATE's own R-mclust labels) to score rows made where R was
+    missing; the file is rewritten whole (temporary file, then rename). Returns the rows filled."""
+    import numpy as np
+
+    if shutil.which("Rscript") is None:
+        return 0
+    rows, filled = _records(scores), 0
+    for row in rows:
+        missing = "error" in row.get("r_mclust", {"error": "absent"})
+        missing_own = row["method"] == "stagate" and "stagate_mclust" not in row["own"]
+        if (not (missing or missing_own) or row["n_cells"] > r_check_max_cells
+                or not (ENV_ROOT / row["embedding"]).exists()):  # embeddings live outside git
+            continue
+        prepare_case(row["case"])
+        a = _read_case(row["case"])
+        truth, section = _truth_codes(a), a.obs["section"].astype(str).to_numpy()
+        emb = np.load(ENV_ROOT / row["embedding"], allow_pickle=False)[f"emb::{row['method']}"].astype(np.float64)
+        if missing:
+            row["r_mclust"] = _r_check(emb, row["k"], row["seed"], truth, section)
+        if missing_own:
+            _stagate_own(row, emb, row["k"], truth, section)
+        filled += 1
+        print(json.dumps({k: row[k] for k in ("method", "case", "seed")}
+                         | {"r_mclust": round(row["r_mclust"].get("ari", float("nan")), 3)}), flush=True)
+    tmp = scores.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+    tmp.replace(scores)
+    return filled
 
 
 def cmd_score(args) -> int:
@@ -705,6 +749,8 @@ def cmd_score(args) -> int:
                                 "r_mclust": round(row.get("r_mclust", {}).get("ari", float("nan")), 3),
                                 "own": {o: round(v["ari"], 3) for o, v in row["own"].items()}}), flush=True)
         have.add((rec["method"], rec["case"], rec["seed"], rec["embedding"]))
+    if args.fill_r:
+        fill_r_checks(scores, args.r_check_max_cells)
     return 0
 
 
@@ -798,6 +844,8 @@ def main(argv=None) -> int:
     c = sub.add_parser("score")
     c.add_argument("--r-check-max-cells", type=int, default=8000,
                    help="run R's mclust as a check on cases up to this many spots (its hierarchical start is O(n^2))")
+    c.add_argument("--fill-r", action="store_true",
+                   help="also add R's mclust check to rows scored earlier where R was not installed")
     sub.add_parser("report")
     args = p.parse_args(argv)
     return {"setup": cmd_setup, "run": cmd_run, "worker": cmd_worker, "score": cmd_score,

@@ -3,11 +3,13 @@ needed): run, rerun with --again, score both protocols, and report only the late
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
 
@@ -36,7 +38,7 @@ def _tiny_slide(path: Path) -> None:
     a.write_h5ad(path)
 
 
-def test_rerun_supersedes_and_report_shows_latest(tmp_path, monkeypatch, capsys):
+def _harness(tmp_path, monkeypatch):
     data, env = tmp_path / "data", tmp_path / "env"
     data.mkdir()
     _tiny_slide(data / "tiny.h5ad")
@@ -46,6 +48,11 @@ def test_rerun_supersedes_and_report_shows_latest(tmp_path, monkeypatch, capsys)
     mod = _module()
     monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
     mod.CASES["tiny"] = {"file": "tiny.h5ad", "label": "region", "k": 3}
+    return mod, env
+
+
+def test_rerun_supersedes_and_report_shows_latest(tmp_path, monkeypatch, capsys):
+    mod, env = _harness(tmp_path, monkeypatch)
 
     case = mod.prepare_case("tiny")
     prepared = ad.read_h5ad(case)
@@ -71,3 +78,16 @@ def test_rerun_supersedes_and_report_shows_latest(tmp_path, monkeypatch, capsys)
     assert mod.main(["report"]) == 0
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| pca")]
     assert len(table) == 1 and table[0].split(" | ")[1] == "0", table  # one row, seed 0 once
+
+
+@pytest.mark.skipif(shutil.which("Rscript") is None, reason="R (Rscript, mclust) is not installed")
+def test_fill_r_adds_the_r_mclust_check_to_rows_scored_without_it(tmp_path, monkeypatch):
+    mod, _ = _harness(tmp_path, monkeypatch)
+    assert mod.main(["run", "--methods", "pca", "--cases", "tiny", "--seeds", "0"]) == 0
+    assert mod.main(["score", "--r-check-max-cells", "0"]) == 0  # as on a machine without R
+    path = tmp_path / "results" / "scores.jsonl"
+    assert "r_mclust" not in json.loads(path.read_text())
+    assert mod.main(["score", "--fill-r"]) == 0
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["r_mclust"]["ari"] > 0.5, rows
+    assert 0.0 <= rows[0]["r_mclust"]["ari_vs_python_gmm"] <= 1.0
