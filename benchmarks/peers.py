@@ -49,7 +49,12 @@ TORCH = "torch==2.13.0"
 PEERS = {
     "stagate": {"packages": [["stagate-modern", "scanpy", "scikit-misc"]], "torch": True,
                 "import": "STAGATE_pyG"},
-    "graphst": {"packages": [["graphst-modern[r-clustering]"], ["graphst-modern"]], "torch": True,
+    # GraphST's own clustering calls R's mclust through rpy2. Its `r-clustering` extra asks for
+    # rpy2 3.6, which with R 4.2 builds and then fails to load (`undefined symbol: R_getVar`, an
+    # R 4.5 API); with an R older than 4.5, rpy2 3.5 is installed beside it instead (checked: rpy2
+    # 3.5.17 runs Mclust on R 4.2.2). Without R, rpy2 cannot build and GraphST installs without it.
+    "graphst": {"packages": [["graphst-modern[r-clustering]"], ["graphst-modern", "rpy2>=3.5,<3.6"],
+                             ["graphst-modern"]], "torch": True, "r_packages": True,
                 "import": "GraphST"},
     # banksy-py 0.0.7 (its newest) pins numpy==1.22.4, pandas==1.5.2, anndata==0.8.0, scanpy==1.9.1 ...;
     # a bare `pip install banksy-py` backtracks to 0.0.1, an early snapshot. The authors publish BANKSY
@@ -95,6 +100,35 @@ def _last_error(log_path: Path, n: int = 12) -> str:
     return "\n".join((errs or lines)[-n:])
 
 
+def r_version() -> tuple | None:
+    """(major, minor) of the R on PATH, or None without R."""
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        return None
+    p = subprocess.run([rscript, "-e", 'cat(R.version$major, R.version$minor, sep=" ")'],
+                       capture_output=True, text=True)
+    try:
+        major, minor = p.stdout.split()
+        return int(major), int(minor.split(".")[0])
+    except ValueError:
+        return None
+
+
+def _package_sets(spec: dict) -> list[list[str]]:
+    """The peer's package sets in order of preference; for a peer that calls R through rpy2, the
+    sets that cannot work with the R here come last (rpy2 3.6 needs R >= 4.5; none builds without R)."""
+    sets = spec["packages"]
+    if not spec.get("r_packages"):
+        return sets
+    r = r_version()
+    if r is None:
+        return [s for s in sets if not any("rpy2" in p or "r-clustering" in p for p in s)] or sets
+    if r < (4, 5):
+        return ([s for s in sets if not any("r-clustering" in p for p in s)]
+                + [s for s in sets if any("r-clustering" in p for p in s)])
+    return sets
+
+
 def setup_env(peer: str) -> dict:
     """Create the peer's environment (idempotent: a finished one has `.installed.json`)."""
     spec = PEERS[peer]
@@ -116,7 +150,7 @@ def setup_env(peer: str) -> dict:
             if r.returncode:
                 record["error"] = f"pip install {TORCH} failed:\n{_last_error(log_path)}"
                 return record
-        for pkgs in spec["packages"]:
+        for pkgs in _package_sets(spec):
             start = log_path.stat().st_size
             r = _pip(py, ["-c", str(constraints), *pkgs], log)
             log.flush()

@@ -91,3 +91,15 @@ def test_fill_r_adds_the_r_mclust_check_to_rows_scored_without_it(tmp_path, monk
     rows = [json.loads(ln) for ln in path.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["r_mclust"]["ari"] > 0.5, rows
     assert 0.0 <= rows[0]["r_mclust"]["ari_vs_python_gmm"] <= 1.0
+
+
+def test_graphst_gets_an_rpy2_that_loads_with_the_r_installed(monkeypatch):
+    mod = _module()
+    spec = mod.PEERS["graphst"]
+    monkeypatch.setattr(mod, "r_version", lambda: None)  # no R: rpy2 cannot build, GraphST alone
+    assert mod._package_sets(spec) == [["graphst-modern"]]
+    monkeypatch.setattr(mod, "r_version", lambda: (4, 2))  # rpy2 3.6 does not load with R 4.2
+    assert mod._package_sets(spec)[0] == ["graphst-modern", "rpy2>=3.5,<3.6"]
+    monkeypatch.setattr(mod, "r_version", lambda: (4, 5))
+    assert mod._package_sets(spec)[0] == ["graphst-modern[r-clustering]"]
+    assert mod._package_sets(mod.PEERS["stagate"]) == mod.PEERS["stagate"]["packages"]
