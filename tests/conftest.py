@@ -15,6 +15,17 @@ SAMPLE_DATA = REPO / "sample_data"
 SHARED_DATA = Path(os.environ.get("SPATIALSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def load_benchmark(name: str):
+    """A `benchmarks/<name>.py` script imported as a module (fresh each call: module-level settings
+    read from the environment, such as peers.py's `$PEERS_ENV`, take the test's values)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def shared_file(name: str) -> Path:
     """Path of a file in ../shared/data, or skip the test saying why."""
     path = SHARED_DATA / name

@@ -1,19 +1,14 @@
 """benchmarks/label_efficiency.py --quick runs end to end (tiny synthetic slide) and prints one JSON line."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
+from conftest import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("label_efficiency", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("label_efficiency")
 
 
 def test_stratified_subset_keeps_every_class():

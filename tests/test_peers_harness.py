@@ -1,7 +1,6 @@
 """benchmarks/peers.py end to end on a tiny synthetic case with our PCA baseline (no peer environment
 needed): run, rerun with --again, score both protocols, and report only the latest run per seed."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,14 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+from conftest import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("peers_harness", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peers")
 
 
 def _tiny_slide(path: Path) -> None:
