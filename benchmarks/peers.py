@@ -115,17 +115,16 @@ def r_version() -> tuple | None:
 
 
 def _package_sets(spec: dict) -> list[list[str]]:
-    """The peer's package sets in order of preference; for a peer that calls R through rpy2, the
-    sets that cannot work with the R here come last (rpy2 3.6 needs R >= 4.5; none builds without R)."""
+    """The peer's package sets in order of preference, without those that cannot work with the R
+    here (for a peer that calls R through rpy2: none builds without R; rpy2 3.6 needs R >= 4.5)."""
     sets = spec["packages"]
     if not spec.get("r_packages"):
         return sets
     r = r_version()
     if r is None:
-        return [s for s in sets if not any("rpy2" in p or "r-clustering" in p for p in s)] or sets
+        return [s for s in sets if not any("rpy2" in p or "r-clustering" in p for p in s)]
     if r < (4, 5):
-        return ([s for s in sets if not any("r-clustering" in p for p in s)]
-                + [s for s in sets if any("r-clustering" in p for p in s)])
+        return [s for s in sets if not any("r-clustering" in p for p in s)]
     return sets
 
 
@@ -744,16 +743,18 @@ def fill_r_checks(scores: Path, r_check_max_cells: int) -> int:
 
     if shutil.which("Rscript") is None:
         return 0
-    rows, filled = _records(scores), 0
+    rows, filled, cases = _records(scores), 0, {}
     for row in rows:
         missing = "error" in row.get("r_mclust", {"error": "absent"})
         missing_own = row["method"] == "stagate" and "stagate_mclust" not in row["own"]
         if (not (missing or missing_own) or row["n_cells"] > r_check_max_cells
                 or not (ENV_ROOT / row["embedding"]).exists()):  # embeddings live outside git
             continue
-        prepare_case(row["case"])
-        a = _read_case(row["case"])
-        truth, section = _truth_codes(a), a.obs["section"].astype(str).to_numpy()
+        if row["case"] not in cases:  # each case file read once
+            prepare_case(row["case"])
+            a = _read_case(row["case"])
+            cases[row["case"]] = _truth_codes(a), a.obs["section"].astype(str).to_numpy()
+        truth, section = cases[row["case"]]
         emb = np.load(ENV_ROOT / row["embedding"], allow_pickle=False)[f"emb::{row['method']}"].astype(np.float64)
         if missing:
             row["r_mclust"] = _r_check(emb, row["k"], row["seed"], truth, section)
@@ -762,6 +763,8 @@ def fill_r_checks(scores: Path, r_check_max_cells: int) -> int:
         filled += 1
         print(json.dumps({k: row[k] for k in ("method", "case", "seed")}
                          | {"r_mclust": round(row["r_mclust"].get("ari", float("nan")), 3)}), flush=True)
+    if not filled:
+        return 0
     tmp = scores.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
     tmp.replace(scores)
