@@ -128,13 +128,28 @@ def _package_sets(spec: dict) -> list[list[str]]:
     return sets
 
 
+def _better_set_possible(record: dict, spec: dict) -> bool:
+    """Whether a finished environment's record misses a package set that is preferred to the one it
+    installed, can work here now, and was never tried (a set that failed to install stays failed)."""
+    sets = _package_sets(spec)
+    installed = record.get("installed")
+    tried = [a["packages"] for a in record.get("attempts", [])]
+    preferred = sets[:sets.index(installed)] if installed in sets else sets
+    return any(s not in tried for s in preferred)
+
+
 def setup_env(peer: str) -> dict:
     """Create the peer's environment (idempotent: a finished one has `.installed.json`)."""
     spec = PEERS[peer]
     d = env_dir(peer)
     done = d / ".installed.json"
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if not _better_set_possible(record, spec):
+            return record
+        # a set it prefers can work now (R was installed since, say): build the environment afresh, as
+        # packages left from the older set can break the newer one (rpy2 3.6's split packages break 3.5)
+        shutil.rmtree(d)
     d.parent.mkdir(parents=True, exist_ok=True)
     log_path = ENV_ROOT / f"{peer}_install.log"
     record = {"peer": peer, "attempts": []}

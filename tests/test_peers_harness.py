@@ -99,3 +99,25 @@ def test_graphst_gets_an_rpy2_that_loads_with_the_r_installed(monkeypatch):
     monkeypatch.setattr(mod, "r_version", lambda: (4, 5))
     assert mod._package_sets(spec)[0] == ["graphst-modern[r-clustering]"]
     assert mod._package_sets(mod.PEERS["stagate"]) == mod.PEERS["stagate"]["packages"]
+
+
+def test_setup_rebuilds_only_when_a_preferred_set_can_work_now(monkeypatch):
+    """An environment built without R (GraphST without rpy2) is rebuilt once R is there, not before;
+    a preferred set that failed to install is not retried (BANKSY's banksy-py 0.0.7)."""
+    mod = _module()
+    graphst, banksy = mod.PEERS["graphst"], mod.PEERS["banksy"]
+    without_r = {"installed": ["graphst-modern"],
+                 "attempts": [{"packages": ["graphst-modern"], "ok": True}]}
+    monkeypatch.setattr(mod, "r_version", lambda: None)
+    assert not mod._better_set_possible(without_r, graphst)
+    monkeypatch.setattr(mod, "r_version", lambda: (4, 2))
+    assert mod._better_set_possible(without_r, graphst)  # rpy2 3.5 beside graphst-modern can work now
+    with_rpy2 = {"installed": ["graphst-modern", "rpy2>=3.5,<3.6"],
+                 "attempts": [{"packages": ["graphst-modern", "rpy2>=3.5,<3.6"], "ok": True}]}
+    assert not mod._better_set_possible(with_rpy2, graphst)
+    monkeypatch.setattr(mod, "r_version", lambda: (4, 5))
+    assert mod._better_set_possible(with_rpy2, graphst)  # the [r-clustering] extra is first with R 4.5
+    pybanksy = {"installed": ["pybanksy", "scikit-misc"],
+                "attempts": [{"packages": ["banksy-py==0.0.7"], "ok": False, "error": "conflict"},
+                             {"packages": ["pybanksy", "scikit-misc"], "ok": True}]}
+    assert not mod._better_set_possible(pybanksy, banksy)
